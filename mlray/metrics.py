@@ -1,0 +1,197 @@
+"""The multi-label metric set, the trivial baselines, and collapse detection.
+
+Plain numpy + scikit-learn, testable without Ray. Rates are fractions in [0, 1]
+as scikit-learn gives them. Every threshold metric is also computed for two
+predictors that do nothing: ``all_negative`` (never predicts a label) and
+``prior`` (each label's training frequency as its score), so a number is always
+read against what doing nothing scores. A model that predicts all zeros on a
+1%-dense data set has 99% "accuracy" (1 - hamming loss); its f1_micro is 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn import metrics as skm
+
+THRESHOLD_KEYS = (
+    "hamming_loss", "subset_accuracy", "precision_micro", "recall_micro", "f1_micro", "f1_macro",
+    "f1_samples", "jaccard_samples", "CP", "CR", "CF1", "OP", "OR", "OF1",
+)
+
+
+def _as_thresholds(thresholds: float | Sequence[float] | np.ndarray, n_labels: int) -> np.ndarray:
+    t = np.asarray(thresholds, dtype=np.float64)
+    if t.ndim == 0:
+        return np.full(n_labels, float(t))
+    if t.shape != (n_labels,):
+        raise ValueError(f"thresholds: expected one float or {n_labels} values, got shape {t.shape}")
+    return t
+
+
+def average_precision_per_label(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """AP of each label; NaN where the label has no positives (AP is undefined)."""
+    ap = np.full(targets.shape[1], np.nan)
+    for j in np.flatnonzero(targets.sum(axis=0) > 0):
+        ap[j] = skm.average_precision_score(targets[:, j], scores[:, j])
+    return ap
+
+
+def _paper_style(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """CP/CR/CF1 (per class, averaged) and OP/OR/OF1 (overall), as in the ML-GCN line of papers."""
+    tp = (pred & y).sum(axis=0).astype(np.float64)
+    npred = pred.sum(axis=0).astype(np.float64)
+    npos = y.sum(axis=0).astype(np.float64)
+    cp = float(np.mean(np.divide(tp, npred, out=np.zeros_like(tp), where=npred > 0)))
+    cr = float(np.mean(np.divide(tp, npos, out=np.zeros_like(tp), where=npos > 0)))
+    op = float(tp.sum() / npred.sum()) if npred.sum() else 0.0
+    orr = float(tp.sum() / npos.sum()) if npos.sum() else 0.0
+    f = lambda p, r: 2 * p * r / (p + r) if p + r else 0.0  # noqa: E731
+    return {"CP": cp, "CR": cr, "CF1": f(cp, cr), "OP": op, "OR": orr, "OF1": f(op, orr)}
+
+
+def threshold_metrics(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Metrics of a 0/1 prediction matrix against multi-hot targets."""
+    pred, y = pred.astype(bool), y.astype(bool)
+    out = {
+        "hamming_loss": float(skm.hamming_loss(y, pred)),
+        "subset_accuracy": float(skm.accuracy_score(y, pred)),
+        "precision_micro": float(skm.precision_score(y, pred, average="micro", zero_division=0)),
+        "recall_micro": float(skm.recall_score(y, pred, average="micro", zero_division=0)),
+        "f1_micro": float(skm.f1_score(y, pred, average="micro", zero_division=0)),
+        "f1_macro": float(skm.f1_score(y, pred, average="macro", zero_division=0)),
+        "f1_samples": float(skm.f1_score(y, pred, average="samples", zero_division=0)),
+        "jaccard_samples": float(skm.jaccard_score(y, pred, average="samples", zero_division=0)),
+    }
+    out.update(_paper_style(pred, y))
+    return out
+
+
+def top_k_predictions(scores: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    pred = np.zeros(scores.shape, dtype=bool)
+    np.put_along_axis(pred, top, True, axis=1)
+    return pred
+
+
+def ranking_metrics(scores: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    ap = average_precision_per_label(scores, y)
+    has_pos = y.sum(axis=1) > 0
+    top1 = np.argmax(scores, axis=1)
+    one_error = float(np.mean(y[has_pos, top1[has_pos]] == 0)) if has_pos.any() else float("nan")
+    nonempty = has_pos.any()
+    return {
+        "mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
+        "micro_AP": float(skm.average_precision_score(y.ravel(), scores.ravel())) if y.any() else float("nan"),
+        "coverage_error": float(skm.coverage_error(y, scores)) if nonempty else float("nan"),
+        "ranking_loss": float(skm.label_ranking_loss(y, scores)),
+        "lrap": float(skm.label_ranking_average_precision_score(y, scores)),
+        "one_error": one_error,
+        "labels_with_positives": int(np.isfinite(ap).sum()),
+        "labels_without_positives": int((~np.isfinite(ap)).sum()),
+    }
+
+
+def prior_scores(prior: Sequence[float] | np.ndarray, n: int) -> np.ndarray:
+    """The label-prior predictor: each label's training frequency, for every image.
+
+    A tiny per-label offset breaks ties, so that rankings follow frequency."""
+    p = np.asarray(prior, dtype=np.float64)
+    return np.broadcast_to(p + 1e-9 * np.arange(len(p))[::-1] / max(len(p), 1), (n, len(p))).copy()
+
+
+def multilabel_metrics(
+    scores: np.ndarray,
+    targets: np.ndarray,
+    thresholds: float | Sequence[float] | np.ndarray = 0.5,
+    *,
+    top_k: int = 3,
+    prior: Sequence[float] | np.ndarray | None = None,
+) -> dict[str, float]:
+    """The full metric set as one flat dict.
+
+    Keys: ranking (``mAP``, ``micro_AP``, ``coverage_error``, ``ranking_loss``,
+    ``lrap``, ``one_error``), threshold metrics at ``thresholds`` (see
+    ``THRESHOLD_KEYS``), the paper-style ones again at top-k (``CP_top3`` ...),
+    ``pred_per_image``/``true_per_image``, and baselines under ``all_negative.*``
+    and ``prior.*`` (the latter also with ``prior.mAP``). ``prior`` defaults to
+    the label frequency of ``targets`` itself.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(targets).astype(bool)
+    if scores.shape != y.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and targets {y.shape} must both be (N, C)")
+    n, c = y.shape
+    t = _as_thresholds(thresholds, c)
+    pred = scores >= t
+    out: dict[str, float] = {"n_images": n, "n_labels": c}
+    out.update(ranking_metrics(scores, y))
+    out.update(threshold_metrics(pred, y))
+    for k, v in _paper_style(top_k_predictions(scores, top_k), y).items():
+        out[f"{k}_top{top_k}"] = v
+    out["pred_per_image"] = float(pred.sum(axis=1).mean())
+    out["true_per_image"] = float(y.sum(axis=1).mean())
+    out["images_without_prediction"] = float((pred.sum(axis=1) == 0).mean())
+    for k, v in threshold_metrics(np.zeros_like(y), y).items():
+        out[f"all_negative.{k}"] = v
+    p = y.mean(axis=0) if prior is None else np.asarray(prior, dtype=np.float64)
+    ps = prior_scores(p, n)
+    out["prior.mAP"] = ranking_metrics(ps, y)["mAP"]
+    for k, v in threshold_metrics(ps >= t, y).items():
+        out[f"prior.{k}"] = v
+    return out
+
+
+def collapse_report(
+    metrics: dict[str, float],
+    scores: np.ndarray,
+    thresholds: float | Sequence[float] | np.ndarray,
+    vocab: Sequence[str],
+    targets: np.ndarray,
+    *,
+    map_margin: float = 0.02,
+) -> dict:
+    """Say whether the model is no better than doing nothing, and what usually fixes it."""
+    y = np.asarray(targets).astype(bool)
+    pred = np.asarray(scores) >= _as_thresholds(thresholds, y.shape[1])
+    has_pos = y.sum(axis=0) > 0
+    never = [vocab[j] for j in np.flatnonzero(has_pos & (pred.sum(axis=0) == 0))]
+    reasons = []
+    if np.isfinite(metrics.get("mAP", np.nan)) and metrics["mAP"] <= metrics["prior.mAP"] + map_margin:
+        reasons.append(
+            f"mAP {metrics['mAP']:.3f} is within {map_margin} of the label-prior baseline "
+            f"({metrics['prior.mAP']:.3f}): the ranking is no better than label frequency"
+        )
+    true_per = metrics["true_per_image"]
+    if true_per > 0 and metrics["pred_per_image"] < 0.1 * true_per:
+        reasons.append(
+            f"{metrics['pred_per_image']:.2f} predicted labels per image against {true_per:.2f} true: "
+            "the model predicts (almost) all zeros at these thresholds"
+        )
+    if has_pos.sum() and len(never) > 0.5 * has_pos.sum():
+        reasons.append(f"{len(never)} of {int(has_pos.sum())} labels are never predicted")
+    advice = (
+        "usual fixes: loss.name=asl or bce_weighted (imbalance), a lower optim.lr, unfreezing the backbone "
+        "(optim.freeze_epochs smaller than optim.epochs), more epochs, and tuned thresholds "
+        "(thresholds.strategy=per_label)"
+    )
+    return {
+        "collapsed": bool(reasons),
+        "reasons": reasons,
+        "never_predicted": never,
+        "advice": advice if reasons else "",
+    }
+
+
+def format_collapse(report: dict, max_labels: int = 15) -> str:
+    if not report["collapsed"]:
+        return ""
+    lines = ["WARNING model collapse: no better than a trivial predictor"]
+    lines += [f"  - {r}" for r in report["reasons"]]
+    if report["never_predicted"]:
+        names = report["never_predicted"]
+        lines.append(f"  never predicted: {names[:max_labels]}" + (" ..." if len(names) > max_labels else ""))
+    lines.append(f"  {report['advice']}")
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""Decision thresholds: tuned on the validation split, saved in the run directory,
+used by ``evaluate``, ``predict`` and ``tag``.
+
+Strategies:
+* ``global``: one threshold, the one that maximises micro-F1 on validation;
+* ``per_label``: each label's F1-maximising threshold, shrunk toward the global
+  one by its validation support (``t = (n t_label + s t_global) / (n + s)``), and
+  the global one outright below ``min_support`` positives. Unshrunk per-label
+  thresholds overfit small validation sets (measured: 92 thresholds on 277
+  images lost 5 points of test micro-F1 against one global threshold);
+* ``top_k``: the k highest-scoring labels of each image.
+``at_least_one`` gives every image its top label even when nothing passes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from mlray.config import ThresholdConfig
+
+_GRID = np.linspace(0.005, 0.995, 199)
+
+
+@dataclass
+class ThresholdPolicy:
+    strategy: str
+    thresholds: list[float]
+    global_threshold: float
+    top_k: int = 3
+    at_least_one: bool = True
+    support: list[int] = field(default_factory=list)  # validation positives behind each threshold
+
+    def predict(self, scores: np.ndarray) -> np.ndarray:
+        """Boolean (N, C) label sets for scores (N, C)."""
+        scores = np.asarray(scores)
+        if self.strategy == "top_k":
+            k = min(self.top_k, scores.shape[1])
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            pred = np.zeros(scores.shape, dtype=bool)
+            np.put_along_axis(pred, top, True, axis=1)
+            return pred
+        pred = scores >= np.asarray(self.thresholds)[None, :]
+        if self.at_least_one and scores.shape[1]:
+            empty = ~pred.any(axis=1)
+            pred[empty, np.argmax(scores[empty], axis=1)] = True
+        return pred
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ThresholdPolicy":
+        return cls(**json.loads(text))
+
+    @classmethod
+    def fixed(cls, n_labels: int, threshold: float = 0.5, at_least_one: bool = False) -> "ThresholdPolicy":
+        return cls("global", [threshold] * n_labels, threshold, at_least_one=at_least_one, support=[0] * n_labels)
+
+
+def best_global_threshold(scores: np.ndarray, targets: np.ndarray) -> float:
+    """The grid threshold with the best micro-F1 (histograms: O(N C), no sort)."""
+    y = np.asarray(targets).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    edges = np.concatenate([[-np.inf], _GRID, [np.inf]])
+    pos_hist = np.histogram(s[y], bins=edges)[0]
+    neg_hist = np.histogram(s[~y], bins=edges)[0]
+    tp = np.cumsum(pos_hist[::-1])[::-1][1:]  # scores >= grid[i]
+    fp = np.cumsum(neg_hist[::-1])[::-1][1:]
+    fn = y.sum() - tp
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(len(_GRID)), where=(2 * tp + fp + fn) > 0)
+    return float(_GRID[int(np.argmax(f1))])
+
+
+def best_label_thresholds(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Each label's F1-maximising threshold (midway between the cut and the next score)."""
+    y = np.asarray(targets).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n, c = s.shape
+    out = np.full(c, 0.5)
+    for j in range(c):
+        pos = int(y[:, j].sum())
+        if pos == 0:
+            continue
+        order = np.argsort(-s[:, j], kind="stable")
+        ss, yy = s[order, j], y[order, j]
+        tp = np.cumsum(yy)
+        k = np.arange(1, n + 1)
+        f1 = 2 * tp / (k + pos)
+        # Only cut between distinct scores.
+        valid = np.r_[ss[1:] < ss[:-1], True]
+        f1 = np.where(valid, f1, -1)
+        i = int(np.argmax(f1))
+        nxt = ss[i + 1] if i + 1 < n else ss[i] - 1e-3
+        out[j] = float(np.clip((ss[i] + nxt) / 2, 1e-4, 1 - 1e-4))
+    return out
+
+
+def tune(scores: np.ndarray, targets: np.ndarray, cfg: ThresholdConfig) -> ThresholdPolicy:
+    """Fit the configured strategy on validation scores and targets."""
+    y = np.asarray(targets).astype(bool)
+    support = y.sum(axis=0).astype(int)
+    g = best_global_threshold(scores, y)
+    if cfg.strategy == "per_label":
+        own = best_label_thresholds(scores, y)
+        n = support.astype(np.float64)
+        shrunk = (n * own + cfg.shrink * g) / np.maximum(n + cfg.shrink, 1e-12)
+        t = np.where(support >= cfg.min_support, shrunk, g)
+    else:
+        t = np.full(y.shape[1], g)
+    return ThresholdPolicy(
+        strategy=cfg.strategy, thresholds=[float(v) for v in t], global_threshold=g, top_k=cfg.top_k,
+        at_least_one=cfg.at_least_one, support=[int(v) for v in support],
+    )
+
+
+def compare_strategies(
+    val_scores: np.ndarray, val_targets: np.ndarray, test_scores: np.ndarray, test_targets: np.ndarray,
+    cfg: ThresholdConfig, strategies: Sequence[str] = ("global", "per_label", "top_k"),
+) -> dict[str, dict[str, float]]:
+    """Tune each strategy on validation and score it on held-out data: how the
+    default strategy is picked by measurement rather than by assumption."""
+    from mlray.metrics import threshold_metrics
+
+    out = {}
+    for name in strategies:
+        for at_least_one in (False, True):
+            if name == "top_k" and at_least_one:
+                continue
+            pol = tune(val_scores, val_targets, cfg.model_copy(update={"strategy": name, "at_least_one": at_least_one}))
+            pred = pol.predict(test_scores)
+            m = threshold_metrics(pred, test_targets)
+            m["images_without_prediction"] = float((pred.sum(axis=1) == 0).mean())
+            out[name + ("+at_least_one" if at_least_one else "")] = m
+    return out
