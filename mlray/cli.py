@@ -48,6 +48,27 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from mlray.config import load_config
+    from mlray.train import train
+
+    if args.resume:
+        from mlray import rundir, storage
+
+        cfg = load_config(storage.join(args.resume, rundir.CONFIG), args.overrides)
+    else:
+        if not args.config:
+            raise ConfigError("mlray train needs --config CONFIG.yaml (or --resume RUN_DIR)")
+        cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=bool(args.resume))
+    best = result.best
+    if best:
+        print(f"best epoch {best['epoch']}: val mAP {best['record']['val_mAP']:.4f} "
+              f"(label prior {best['record']['prior_mAP']:.4f})")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlray", description="Multi-label image classification on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -72,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.add_argument("--max-labels", type=int, default=30, help="labels listed (most and least frequent)")
     st.set_defaults(func=_stats)
+
+    tr = sub.add_parser("train", help="fine-tune a timm backbone on a manifest with Ray Train")
+    tr.add_argument("--config", help="YAML config (see jobs/configs/)")
+    tr.add_argument("--resume", metavar="RUN_DIR", help="resume a stopped run from its last checkpoint")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. optim.epochs=3")
+    tr.set_defaults(func=_train)
     return p
 
 

@@ -25,7 +25,7 @@ class _Section(BaseModel):
 
 
 class AugmentConfig(_Section):
-    scale_min: float = Field(0.35, gt=0, le=1, description="random resized crop: smallest area kept")
+    scale_min: float = Field(0.7, gt=0, le=1, description="random resized crop: smallest area kept")
     ratio_min: float = Field(0.75, gt=0)
     ratio_max: float = Field(1.333, gt=0)
     hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
@@ -40,6 +40,7 @@ class DataConfig(_Section):
     val_split: str = "val"
     fetch_concurrency: int = Field(16, ge=1, description="parallel reads per decode task (unpacked manifests)")
     decode_batch_size: int = Field(128, ge=1, description="rows per Ray Data decode task batch")
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each decode task")
     shuffle_buffer: int = Field(0, ge=0, description="rows in each worker's local shuffle buffer; 0 = off")
     max_error_fraction: float = Field(0.01, ge=0, le=1, description="undecodable images tolerated before failing")
     augment: AugmentConfig = AugmentConfig()
@@ -53,6 +54,9 @@ class ModelConfig(_Section):
     )
     drop_rate: float = Field(0.2, ge=0, lt=1)
     channels_last: bool = True
+    freeze_bn_stats: bool = Field(
+        True, description="keep every BatchNorm on its running statistics (robust with small per-worker batches)"
+    )
     compile: bool = False
 
 

@@ -57,6 +57,13 @@ def s3_env() -> dict[str, str]:
 @lru_cache(maxsize=8)
 def _s3(endpoint: str | None, region: str | None, key: str | None) -> pafs.S3FileSystem:
     kwargs: dict = {"region": region or "us-east-1"}
+    if key and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        # Explicit keys travel with the filesystem when Ray pickles it to workers;
+        # without them (instance profiles) each process resolves its own.
+        kwargs.update(
+            access_key=key, secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+            session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        )
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path

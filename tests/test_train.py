@@ -1,0 +1,132 @@
+"""Ray Train end to end on CPU: real Ray, real S3, real images; failures injected for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from mlray import rundir, storage
+from mlray.config import ConfigError, build_config, load_config
+
+
+def _cfg(manifest, storage_path, name, **over):
+    tree = {
+        "data": {"manifest": manifest, "image_size": 64, "batch_size": 16, "decode_batch_size": 64},
+        "model": {"name": "tf_efficientnet_lite0", "pretrained": "efficientnet-lite0"},
+        "optim": {"epochs": 2, "lr": 2e-3, "freeze_epochs": 1, "warmup_epochs": 0.2},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "run": {"storage_path": storage_path, "name": name, "max_failures": 2},
+    }
+    return build_config(tree, [f"{k}={v}" for k, v in over.items()])
+
+
+@pytest.fixture(scope="module")
+def s3_manifest(s3_server, tmp_path_factory):
+    """600 real mosaics, packed, in a manifest on the S3 server."""
+    from mlray.datasets import mnist_mosaics
+    from mlray.prepare import prepare
+
+    root = tmp_path_factory.mktemp("train_images")
+    csv_path = mnist_mosaics(str(root), 600, size=64, seed=11)
+    bucket = s3_server.create_bucket("train-data")
+    prepare(csv_path, str(root), f"{bucket}/manifest", split="train=0.85,val=0.15", pack=True)
+    return f"{bucket}/manifest", bucket
+
+
+def _history(directory):
+    return rundir.read_history(directory)
+
+
+def test_two_workers_learn_from_s3_and_checkpoint_to_s3(local_ray, s3_manifest):
+    from mlray.train import train
+
+    manifest, bucket = s3_manifest
+    cfg = _cfg(manifest, f"{bucket}/runs", "ddp2")
+    result = train(cfg)
+    hist = result.history
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert hist[1]["train_loss"] < hist[0]["train_loss"]
+    assert hist[-1]["val_mAP"] > hist[-1]["prior_mAP"] + 0.05
+    assert not hist[-1]["collapsed"]
+    d = result.run_dir
+    assert d.startswith("s3://")
+    for name in (rundir.CONFIG, rundir.LABELS, rundir.WEIGHTS, rundir.THRESHOLDS, rundir.BEST, rundir.HISTORY):
+        assert storage.exists(storage.join(d, name)), name
+    ckpts = [u for u in storage.list_files(d) if "/checkpoint_" in u and u.endswith("train_state.pt")]
+    assert ckpts, "Ray checkpoints on S3"
+    art = rundir.load_artifacts(d)
+    assert art.vocab == [str(i) for i in range(10)] and art.best["epoch"] in (1, 2)
+    assert art.config.run.name == "ddp2"
+    # a second run with the same name is refused unless resumed
+    with pytest.raises(ValueError, match="--resume"):
+        train(cfg)
+
+
+def _wait_for_checkpoint(directory, epoch, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(_history(directory)) >= epoch and any(
+            u.endswith("train_state.pt") for u in storage.list_files(directory) if "/checkpoint_" in u
+        ):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"no checkpoint for epoch {epoch} in {directory}")
+
+
+def _train_in_thread(cfg):
+    from mlray.train import train
+
+    box = {}
+
+    def run():
+        try:
+            box["result"] = train(cfg)
+        except BaseException as e:  # noqa: BLE001
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+def test_killed_worker_restarts_from_last_checkpoint(local_ray, s3_manifest):
+    manifest, bucket = s3_manifest
+    cfg = _cfg(manifest, f"{bucket}/runs", "killed", **{"optim.epochs": 3})
+    d = rundir.run_dir(cfg)
+    t, box = _train_in_thread(cfg)
+    _wait_for_checkpoint(d, 1)
+    time.sleep(0.5)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "training worker processes"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    t.join(timeout=600)
+    assert "error" not in box, box.get("error")
+    hist = box["result"].history
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert hist[0]["restarts"] == 0 and hist[-1]["restarts"] >= 1
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.lrr: unknown key"):
+        _cfg("m", "s", "n", **{"optim.lrr": 1})
+    with pytest.raises(ConfigError, match=r"optim\.epochs: .*integer.*'ten'"):
+        _cfg("m", "s", "n", **{"optim.epochs": "ten"})
+    with pytest.raises(ConfigError, match=r"loss\.name: .*'asl'"):
+        _cfg("m", "s", "n", **{"loss.name": "hinge"})
+    with pytest.raises(ConfigError, match=r"data\.manifest: required"):
+        build_config({"data": {}, "run": {"name": "x"}})
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  manifest: m\n  bogus: 1\nrun:\n  name: r\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*\n.*data\.bogus: unknown key"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["optim.epochs"])
+    good = _cfg("m", "s", "n", **{"optim.epochs": "5", "scaling.use_gpu": "true"})
+    assert good.optim.epochs == 5 and good.scaling.use_gpu is True
+    assert json.loads(json.dumps(good.model_dump(mode="json")))["loss"]["name"] == "asl"
