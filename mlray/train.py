@@ -256,6 +256,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     """The per-worker recipe; runs inside each Ray Train worker."""
     import json
 
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -275,6 +276,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
     torch.manual_seed(cfg.optim.seed * 1000 + rank)
     dist = _Dist(world, device)
+    nodes = len(set(dist.gather(ray.get_runtime_context().get_node_id())))
     amp = cfg.optim.amp and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
 
@@ -438,6 +440,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             "decode_errors": int(total_bad),
             "collapsed": collapse["collapsed"],
             "restarts": state.restarts,
+            "workers": world,
+            "nodes": nodes,
             "lr": optimizer.param_groups[-1]["lr"],
         }
         state.history.append(record)

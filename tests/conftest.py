@@ -45,11 +45,11 @@ def mosaics(tmp_path_factory):
     return str(root), csv_path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def local_ray(s3_server):
     """One embedded local Ray (started the way the jobs start it, with the S3
-    settings in place) for the tests that need it; tests that build their own
-    cluster call ``ray.shutdown()`` first and leave Ray down."""
+    settings in place) for the tests that need it, started once and reused; a test
+    that builds its own cluster shuts it down, and the next user starts it again."""
     import ray
 
     from mlray.runtime import init_ray

@@ -69,14 +69,17 @@ def test_two_workers_learn_from_s3_and_checkpoint_to_s3(local_ray, s3_manifest):
 
 
 def _wait_for_checkpoint(directory, epoch, timeout=300):
+    """Until Ray Train has *registered* the checkpoint of ``epoch`` (its snapshot
+    lists it): an uploaded but unregistered checkpoint is not resumed from."""
+    snapshot = storage.join(directory, "checkpoint_manager_snapshot.json")
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if len(_history(directory)) >= epoch and any(
-            u.endswith("train_state.pt") for u in storage.list_files(directory) if "/checkpoint_" in u
-        ):
-            return
+        if storage.exists(snapshot):
+            results = json.loads(storage.read_text(snapshot)).get("checkpoint_results", [])
+            if any(r["metrics"].get("epoch", 0) >= epoch for r in results):
+                return
         time.sleep(0.2)
-    raise TimeoutError(f"no checkpoint for epoch {epoch} in {directory}")
+    raise TimeoutError(f"no registered checkpoint for epoch {epoch} in {directory}")
 
 
 def _train_in_thread(cfg):
@@ -101,7 +104,6 @@ def test_killed_worker_restarts_from_last_checkpoint(local_ray, s3_manifest):
     d = rundir.run_dir(cfg)
     t, box = _train_in_thread(cfg)
     _wait_for_checkpoint(d, 1)
-    time.sleep(0.5)
     workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
     assert workers, "training worker processes"
     os.kill(workers[0].pid, signal.SIGKILL)
@@ -130,3 +132,37 @@ def test_config_errors_name_the_key(tmp_path):
     good = _cfg("m", "s", "n", **{"optim.epochs": "5", "scaling.use_gpu": "true"})
     assert good.optim.epochs == 5 and good.scaling.use_gpu is True
     assert json.loads(json.dumps(good.model_dump(mode="json")))["loss"]["name"] == "asl"
+
+
+def test_two_nodes_for_real_and_losing_one_resumes(s3_manifest):
+    """Scaling across nodes without a cloud: a head (no CPUs) and two worker nodes,
+    separate raylets on this machine, DDP workers on different nodes, S3 as the
+    shared storage. One node is removed mid-run and a fresh one added."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    manifest, bucket = s3_manifest
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        first = cluster.add_node(num_cpus=2)
+        cluster.add_node(num_cpus=2)
+        ray.init(address=cluster.address)
+        cfg = _cfg(manifest, f"{bucket}/runs", "two-nodes", **{
+            "optim.epochs": 3, "scaling.placement_strategy": "STRICT_SPREAD", "scaling.cpus_per_worker": 1,
+            "data.decode_cpus": 0.5,
+        })
+        d = rundir.run_dir(cfg)
+        t, box = _train_in_thread(cfg)
+        _wait_for_checkpoint(d, 1)
+        assert _history(d)[0]["nodes"] == 2
+        cluster.remove_node(first)
+        cluster.add_node(num_cpus=2)
+        t.join(timeout=600)
+        assert "error" not in box, box.get("error")
+        hist = box["result"].history
+        assert [h["epoch"] for h in hist] == [1, 2, 3]
+        assert hist[-1]["restarts"] >= 1 and hist[-1]["nodes"] == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
