@@ -18,8 +18,9 @@ from mlray.config import ConfigError
 from mlray.manifest import ManifestError
 from mlray.sources import SourceError
 from mlray.storage import StorageError
+from mlray.tag import TagError
 
-USER_ERRORS = (ConfigError, ManifestError, SourceError, StorageError, ValueError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ManifestError, SourceError, StorageError, TagError, ValueError, FileNotFoundError)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -69,6 +70,55 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from mlray.report import evaluate, format_summary
+
+    doc = evaluate(args.run, args.manifest, args.split, args.out, batch_size=args.batch_size)
+    print(format_summary(doc))
+    return 1 if doc["collapse"]["collapsed"] and args.fail_on_collapse else 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mlray import storage
+    from mlray.images import ImageError, decode
+    from mlray.inference import Predictor
+
+    predictor = Predictor.load(args.run)
+    policy = predictor.art.policy
+    failed = 0
+    for uri in args.images:
+        try:
+            img = decode(storage.read_bytes(uri), predictor.size)
+        except (ImageError, StorageError) as e:
+            print(f"{uri}: ERROR {e}")
+            failed += 1
+            continue
+        scores = predictor.scores(img[None])[0]
+        chosen = np.flatnonzero(policy.predict(scores[None])[0])
+        chosen = chosen[np.argsort(-scores[chosen])]
+        labels = ", ".join(f"{predictor.vocab[j]} {scores[j]:.2f}" for j in chosen) or "(no label)"
+        print(f"{uri}: {labels}")
+        if args.top:
+            top = np.argsort(-scores)[: args.top]
+            print("    top: " + ", ".join(f"{predictor.vocab[j]} {scores[j]:.3f}" for j in top))
+    return 1 if failed else 0
+
+
+def _tag(args: argparse.Namespace) -> int:
+    from mlray.tag import TagOptions, tag
+
+    opts = TagOptions(
+        batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=args.num_gpus,
+        actor_cpus=args.actor_cpus, threshold=args.threshold, top_k=args.top_k, incremental=args.incremental,
+        rows_per_file=args.rows_per_file,
+    )
+    summary = tag(args.model, args.input, args.out, opts)
+    print(summary.format())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlray", description="Multi-label image classification on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -99,6 +149,35 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", metavar="RUN_DIR", help="resume a stopped run from its last checkpoint")
     tr.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. optim.epochs=3")
     tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("evaluate", help="metrics, baselines, thresholds and an HTML report on a split")
+    ev.add_argument("run", help="run directory (storage_path/run name), local or s3://")
+    ev.add_argument("--manifest", required=True)
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--out", help="report directory (default RUN/report/SPLIT)")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--fail-on-collapse", action="store_true", help="exit 1 when the model is no better than trivial")
+    ev.set_defaults(func=_evaluate)
+
+    pd = sub.add_parser("predict", help="labels and probabilities for a few images")
+    pd.add_argument("run", help="run directory or checkpoint folder")
+    pd.add_argument("images", nargs="+", help="image paths or URIs")
+    pd.add_argument("--top", type=int, default=0, help="also print the N highest scores")
+    pd.set_defaults(func=_predict)
+
+    tg = sub.add_parser("tag", help="batched inference over a corpus into Parquet, exactly once per image")
+    tg.add_argument("--model", required=True, help="run directory or checkpoint folder")
+    tg.add_argument("--input", required=True, help="a manifest, or a prefix/glob of image files (local or s3://)")
+    tg.add_argument("--out", required=True, help="output Parquet directory (local or s3://)")
+    tg.add_argument("--batch-size", type=int, default=64)
+    tg.add_argument("--concurrency", type=int, default=1, help="model actors (one per GPU on clusters)")
+    tg.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model actor (1 on GPU clusters)")
+    tg.add_argument("--actor-cpus", type=float, help="CPUs per model actor (default 0.5 on CPU, 1 with GPUs)")
+    tg.add_argument("--threshold", type=float, help="one global threshold instead of the run's tuned ones")
+    tg.add_argument("--top-k", type=int, help="the K best labels per image instead of thresholds")
+    tg.add_argument("--incremental", action="store_true", help="tag only ids not yet in OUT (nightly runs)")
+    tg.add_argument("--rows-per-file", type=int, default=20_000)
+    tg.set_defaults(func=_tag)
     return p
 
 

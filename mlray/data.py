@@ -87,12 +87,27 @@ def read_manifest_dataset(manifest: str, split: str | None, columns: Sequence[st
     cols = [c for c in columns if c in schema_cols]
     if split is not None and "split" in schema_cols:
         cols = list(dict.fromkeys([*cols, "split"]))
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=cols, partitioning=None)
+    ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None).select_columns(cols)
     if split is not None:
         if "split" not in schema_cols:
             raise ValueError(f"{manifest}: no 'split' column, so split {split!r} cannot be selected")
         ds = ds.filter(expr=col("split") == split)
+    if "uri" in cols:
+        base = manifest if storage.is_dir(manifest) else storage.parent(manifest)
+        ds = ds.map_batches(_absolute_uris, batch_format="pyarrow", fn_kwargs={"base": base}, zero_copy_batch=True)
     return ds
+
+
+def _absolute_uris(batch: pa.Table, base: str) -> pa.Table:
+    """The contract allows URIs relative to the manifest's directory."""
+    import pyarrow.compute as pc
+
+    uris = batch.column("uri")
+    relative = pc.invert(pc.match_substring_regex(uris, r"^(/|[A-Za-z][A-Za-z0-9+.-]*://)"))
+    if not pc.any(relative).as_py():
+        return batch
+    fixed = pc.if_else(relative, pc.binary_join_element_wise(base.rstrip("/"), uris, "/"), uris)
+    return batch.set_column(batch.column_names.index("uri"), "uri", fixed)
 
 
 def _schema_names(uri: str) -> list[str]:
@@ -102,9 +117,8 @@ def _schema_names(uri: str) -> list[str]:
     return pq.read_schema(path, filesystem=fs).names
 
 
-def image_dataset(
-    manifest: str,
-    split: str | None,
+def decode_dataset(
+    ds,
     *,
     size: int,
     vocab: Sequence[str] | None,
@@ -114,13 +128,13 @@ def image_dataset(
     keep: Sequence[str] = ("image_id",),
     decode_num_cpus: float = 1.0,
 ):
-    """Decoded images of one split of a manifest, as a lazy Ray Dataset.
+    """Fetch and decode the rows of any dataset with ``image_id``, ``uri`` and
+    optionally ``image`` columns (a manifest, or a listing of image files).
 
     With ``shuffle``, the order of blocks and the rows inside each decode batch
     change every epoch (a fresh random order per execution), without the
     all-to-all barrier of a global shuffle that would stall the stream.
     """
-    ds = read_manifest_dataset(manifest, split, ["image_id", "uri", "labels", "image", *keep])
     ds = ds.repartition(target_num_rows_per_block=decode_batch_size)
     if shuffle:
         ds = ds.randomize_block_order()
@@ -134,3 +148,9 @@ def image_dataset(
             "keep": tuple(keep),
         },
     )
+
+
+def image_dataset(manifest: str, split: str | None, *, keep: Sequence[str] = ("image_id",), **kw):
+    """Decoded images of one split of a manifest, as a lazy Ray Dataset."""
+    ds = read_manifest_dataset(manifest, split, ["image_id", "uri", "labels", "image", *keep])
+    return decode_dataset(ds, keep=keep, **kw)

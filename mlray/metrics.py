@@ -109,6 +109,7 @@ def multilabel_metrics(
     *,
     top_k: int = 3,
     prior: Sequence[float] | np.ndarray | None = None,
+    predictions: np.ndarray | None = None,
 ) -> dict[str, float]:
     """The full metric set as one flat dict.
 
@@ -117,7 +118,9 @@ def multilabel_metrics(
     ``THRESHOLD_KEYS``), the paper-style ones again at top-k (``CP_top3`` ...),
     ``pred_per_image``/``true_per_image``, and baselines under ``all_negative.*``
     and ``prior.*`` (the latter also with ``prior.mAP``). ``prior`` defaults to
-    the label frequency of ``targets`` itself.
+    the label frequency of ``targets`` itself. ``predictions`` (N, C booleans)
+    replaces ``scores >= thresholds`` when a policy decides otherwise (top-k,
+    at least one label per image).
     """
     scores = np.asarray(scores, dtype=np.float64)
     y = np.asarray(targets).astype(bool)
@@ -125,7 +128,7 @@ def multilabel_metrics(
         raise ValueError(f"scores {scores.shape} and targets {y.shape} must both be (N, C)")
     n, c = y.shape
     t = _as_thresholds(thresholds, c)
-    pred = scores >= t
+    pred = scores >= t if predictions is None else np.asarray(predictions, dtype=bool)
     out: dict[str, float] = {"n_images": n, "n_labels": c}
     out.update(ranking_metrics(scores, y))
     out.update(threshold_metrics(pred, y))
@@ -152,10 +155,14 @@ def collapse_report(
     targets: np.ndarray,
     *,
     map_margin: float = 0.02,
+    predictions: np.ndarray | None = None,
 ) -> dict:
     """Say whether the model is no better than doing nothing, and what usually fixes it."""
     y = np.asarray(targets).astype(bool)
-    pred = np.asarray(scores) >= _as_thresholds(thresholds, y.shape[1])
+    if predictions is None:
+        pred = np.asarray(scores) >= _as_thresholds(thresholds, y.shape[1])
+    else:
+        pred = np.asarray(predictions, dtype=bool)
     has_pos = y.sum(axis=0) > 0
     never = [vocab[j] for j in np.flatnonzero(has_pos & (pred.sum(axis=0) == 0))]
     reasons = []

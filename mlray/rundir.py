@@ -31,6 +31,7 @@ from mlray.thresholds import ThresholdPolicy
 CONFIG, LABELS, WEIGHTS, THRESHOLDS, BEST, HISTORY = (
     "config.yaml", "labels.json", "model.safetensors", "thresholds.json", "best.json", "history.jsonl",
 )
+EMA_FILE = "ema.safetensors"  # checkpoints of runs with optim.ema_decay: the weights to score with
 
 
 def run_dir(cfg: Config) -> str:

@@ -32,7 +32,6 @@ from mlray.config import Config
 from mlray.manifest import read_manifest
 
 STATE_FILE = "train_state.pt"
-EMA_FILE = "ema.safetensors"
 
 
 @dataclass
@@ -308,8 +307,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             model.load_state_dict(rundir.load_weights(os.path.join(d, rundir.WEIGHTS)))
             saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
             optimizer.load_state_dict(saved["optimizer"])
-            if ema is not None and os.path.exists(os.path.join(d, EMA_FILE)):
-                ema.module.load_state_dict(rundir.load_weights(os.path.join(d, EMA_FILE)))
+            if ema is not None and os.path.exists(os.path.join(d, rundir.EMA_FILE)):
+                ema.module.load_state_dict(rundir.load_weights(os.path.join(d, rundir.EMA_FILE)))
             state = _State(**{k: saved[k] for k in ("epoch", "step", "best_map", "bad_epochs", "restarts", "history")})
             state.restarts += 1
         if rank == 0:
@@ -411,8 +410,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         val_loss = dist.sum([val_loss_sum])[0] / max(len(val_scores), 1)
         policy = tune(val_scores, val_targets, cfg.thresholds)
         m = multilabel_metrics(val_scores, val_targets, 0.5, prior=prior)
-        tuned = multilabel_metrics(val_scores, val_targets, policy.thresholds, prior=prior)
-        collapse = collapse_report(tuned, val_scores, policy.thresholds, vocab, val_targets)
+        val_pred = policy.predict(val_scores)
+        tuned = multilabel_metrics(val_scores, val_targets, policy.thresholds, prior=prior, predictions=val_pred)
+        collapse = collapse_report(tuned, val_scores, policy.thresholds, vocab, val_targets, predictions=val_pred)
         n_seen_all = total_seen + len(val_scores) + len(all_bad)
         if all_bad and len(all_bad) > cfg.data.max_error_fraction * max(n_seen_all, 1):
             listing = "\n  ".join(f"{i}: {e}" for i, e in all_bad[:50])
@@ -482,7 +482,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 with open(os.path.join(tmp, rundir.WEIGHTS), "wb") as f:
                     f.write(rundir.weights_bytes(model.state_dict()))
                 if ema is not None:
-                    with open(os.path.join(tmp, EMA_FILE), "wb") as f:
+                    with open(os.path.join(tmp, rundir.EMA_FILE), "wb") as f:
                         f.write(rundir.weights_bytes(ema.module.state_dict()))
                 torch.save({"optimizer": optimizer.state_dict(), **state.__dict__}, os.path.join(tmp, STATE_FILE))
                 with open(os.path.join(tmp, rundir.THRESHOLDS), "w") as f:

@@ -1,0 +1,156 @@
+"""A trained model ready to score images, alone or as a Ray Data actor pool.
+
+Used by ``evaluate``, ``predict`` and ``tag`` alike, so all three score exactly
+the same way: the run directory's weights, the training image size and
+normalisation, bf16 autocast on GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from mlray import rundir, storage
+from mlray.rundir import RunArtifacts, load_artifacts
+
+
+class Predictor:
+    """The model of a run directory (or checkpoint folder), on one device."""
+
+    def __init__(self, art: RunArtifacts, device: str | torch.device | None = None):
+        from mlray.models import create_model, normalization
+
+        self.art = art
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cfg = art.config
+        model = create_model(cfg.model.model_copy(update={"pretrained": "none"}), len(art.vocab))
+        ema = storage.join(art.directory, rundir.EMA_FILE)
+        weights = storage.join(art.directory, rundir.EMA_FILE if storage.exists(ema) else rundir.WEIGHTS)
+        model.load_state_dict(rundir.load_weights(weights))
+        model = model.to(self.device).eval()
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.mean, self.std = normalization(model)
+        self.size = cfg.data.image_size
+
+    @classmethod
+    def load(cls, directory: str, device: str | torch.device | None = None) -> "Predictor":
+        return cls(load_artifacts(directory), device)
+
+    @property
+    def vocab(self) -> list[str]:
+        return self.art.vocab
+
+    @torch.inference_mode()
+    def scores(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """uint8 (N, size, size, 3) -> sigmoid scores (N, C) float32."""
+        from mlray.augment import preprocess
+
+        if len(images) == 0:
+            return np.zeros((0, len(self.vocab)), np.float32)
+        t = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+        x = preprocess(t, self.device, self.mean, self.std)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = self.model(x)
+        else:
+            logits = self.model(x)
+        return torch.sigmoid(logits.float()).cpu().numpy()
+
+
+SCORE_SCHEMA_FIELDS = [
+    ("image_id", pa.string()),
+    ("uri", pa.string()),
+    ("scores", pa.list_(pa.float32())),
+    ("labels", pa.list_(pa.string())),
+    ("model", pa.string()),
+    ("error", pa.string()),
+]
+
+
+def score_schema(vocab: Sequence[str]) -> pa.Schema:
+    from mlray.manifest import schema_with_vocab
+
+    return schema_with_vocab(pa.schema(SCORE_SCHEMA_FIELDS), vocab)
+
+
+class ScoreBatches:
+    """Ray Data actor: decoded batches in, the tagging contract's rows out.
+
+    Rows that failed upstream keep their ``error`` and get null ``scores`` and
+    ``labels``; every input row yields exactly one output row.
+    """
+
+    def __init__(
+        self, directory: str, *, threshold: float | None = None, top_k: int | None = None,
+        with_targets: bool = False, torch_threads: int | None = None,
+    ):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.predictor = Predictor.load(directory)
+        self.policy = self.predictor.art.policy
+        n = len(self.predictor.vocab)
+        if top_k is not None:
+            from dataclasses import replace
+
+            self.policy = replace(self.policy, strategy="top_k", top_k=top_k)
+        elif threshold is not None:
+            from mlray.thresholds import ThresholdPolicy
+
+            self.policy = ThresholdPolicy.fixed(n, threshold, at_least_one=False)
+        self.model_id = self.predictor.art.model_id
+        self.with_targets = with_targets
+        self.vocab = np.array(self.predictor.vocab, dtype=object)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        errors = batch["error"]
+        ok = np.array([e == "" for e in errors], dtype=bool)
+        n = len(errors)
+        scores = self.predictor.scores(batch["image"][ok])
+        pred = self.policy.predict(scores) if len(scores) else np.zeros((0, len(self.vocab)), bool)
+        score_rows: list = [None] * n
+        label_rows: list = [None] * n
+        for j, i in enumerate(np.flatnonzero(ok)):
+            score_rows[i] = scores[j]
+            label_rows[i] = self.vocab[pred[j]].tolist()
+        cols = {
+            "image_id": pa.array(batch["image_id"].tolist(), pa.string()),
+            "uri": pa.array([u or None for u in batch["uri"].tolist()], pa.string()) if "uri" in batch else pa.nulls(n, pa.string()),
+            "scores": pa.array(score_rows, pa.list_(pa.float32())),
+            "labels": pa.array(label_rows, pa.list_(pa.string())),
+            "model": pa.array([self.model_id] * n, pa.string()),
+            "error": pa.array([None if e == "" else e for e in errors], pa.string()),
+        }
+        if self.with_targets:
+            cols["target"] = pa.array(list(batch["target"]), pa.list_(pa.uint8()))
+        return pa.table(cols)
+
+
+def score_dataset(
+    ds, directory: str, *, batch_size: int = 64, concurrency: int = 1, num_gpus: float = 0.0,
+    actor_cpus: float | None = None, threshold: float | None = None, top_k: int | None = None,
+    with_targets: bool = False,
+):
+    """Append the actor pool that scores decoded rows (``image``, ``error``, ids)."""
+    from ray.data import ActorPoolStrategy
+
+    cpus = actor_cpus if actor_cpus is not None else (1.0 if num_gpus else 0.5)
+    threads = None if num_gpus else max(1, int(os.cpu_count() or 1) // max(1, concurrency))
+    return ds.map_batches(
+        ScoreBatches,
+        fn_constructor_args=(directory,),
+        fn_constructor_kwargs={
+            "threshold": threshold, "top_k": top_k, "with_targets": with_targets, "torch_threads": threads,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=concurrency),
+        num_gpus=num_gpus or None,
+        num_cpus=cpus,
+    )
+
