@@ -74,9 +74,9 @@ def decode_rows(
     return out
 
 
-def read_manifest_dataset(manifest: str, split: str | None, columns: Sequence[str]):
-    """A Ray Dataset over a manifest's rows, filtered to ``split`` (pushed down to
-    the Parquet scan, which skips row groups of other splits)."""
+def read_manifest_dataset(manifest: str, split: str | Sequence[str] | None, columns: Sequence[str]):
+    """A Ray Dataset over a manifest's rows, filtered to ``split`` (one name or
+    several; pushed down to the Parquet scan, which skips row groups of other splits)."""
     import ray.data
     from ray.data.expressions import col
 
@@ -91,7 +91,7 @@ def read_manifest_dataset(manifest: str, split: str | None, columns: Sequence[st
     if split is not None:
         if "split" not in schema_cols:
             raise ValueError(f"{manifest}: no 'split' column, so split {split!r} cannot be selected")
-        ds = ds.filter(expr=col("split") == split)
+        ds = ds.filter(expr=col("split") == split if isinstance(split, str) else col("split").is_in(list(split)))
     if "uri" in cols:
         base = manifest if storage.is_dir(manifest) else storage.parent(manifest)
         ds = ds.map_batches(_absolute_uris, batch_format="pyarrow", fn_kwargs={"base": base}, zero_copy_batch=True)
@@ -150,7 +150,7 @@ def decode_dataset(
     )
 
 
-def image_dataset(manifest: str, split: str | None, *, keep: Sequence[str] = ("image_id",), **kw):
+def image_dataset(manifest: str, split: str | Sequence[str] | None, *, keep: Sequence[str] = ("image_id",), **kw):
     """Decoded images of one split of a manifest, as a lazy Ray Dataset."""
     ds = read_manifest_dataset(manifest, split, ["image_id", "uri", "labels", "image", *keep])
     return decode_dataset(ds, keep=keep, **kw)

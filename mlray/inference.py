@@ -53,7 +53,7 @@ class Predictor:
 
         if len(images) == 0:
             return np.zeros((0, len(self.vocab)), np.float32)
-        t = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+        t = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else images  # a writable copy
         x = preprocess(t, self.device, self.mean, self.std)
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -126,6 +126,9 @@ class ScoreBatches:
             "model": pa.array([self.model_id] * n, pa.string()),
             "error": pa.array([None if e == "" else e for e in errors], pa.string()),
         }
+        for k, v in batch.items():  # other id-like columns pass through (e.g. split)
+            if k not in cols and k not in ("image", "target") and v.dtype == object:
+                cols[k] = pa.array([x or None for x in v.tolist()], pa.string())
         if self.with_targets:
             cols["target"] = pa.array(list(batch["target"]), pa.list_(pa.uint8()))
         return pa.table(cols)

@@ -36,9 +36,10 @@ class Scored:
     errors: list[tuple[str, str]]
 
 
-def score_split(run: str, manifest: str, split: str, *, batch_size: int = 64, concurrency: int = 1,
-                num_gpus: float = 0.0) -> Scored:
-    """Score one split of a manifest with the run's model (Ray Data + actor pool)."""
+def score_splits(run: str, manifest: str, splits: list[str], *, batch_size: int = 64, concurrency: int = 1,
+                 num_gpus: float = 0.0) -> dict[str, Scored]:
+    """Score some splits of a manifest with the run's model, in one Ray Data
+    pipeline (one model actor pool, however many splits)."""
     from mlray.data import image_dataset
     from mlray.inference import score_dataset
     from mlray.manifest import read_vocab
@@ -53,20 +54,24 @@ def score_split(run: str, manifest: str, split: str, *, batch_size: int = 64, co
             "evaluate on a manifest prepared with the same labels"
         )
     init_ray()
-    ds = image_dataset(manifest, split, size=art.config.data.image_size, vocab=vocab, keep=("image_id", "uri"))
+    ds = image_dataset(manifest, splits, size=art.config.data.image_size, vocab=vocab, keep=("image_id", "uri", "split"))
     ds = score_dataset(ds, run, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, with_targets=True)
-    ids, scores, targets, errors = [], [], [], []
+    rows: dict[str, dict[str, list]] = {s: {"ids": [], "scores": [], "targets": [], "errors": []} for s in splits}
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in batch.to_pylist():
+            r = rows[row["split"]]
             if row["error"] is not None:
-                errors.append((row["image_id"], row["error"]))
+                r["errors"].append((row["image_id"], row["error"]))
                 continue
-            ids.append(row["image_id"])
-            scores.append(row["scores"])
-            targets.append(row["target"])
-    if not ids:
-        raise ValueError(f"{manifest}: no decodable images in split {split!r}")
-    return Scored(ids, np.asarray(scores, np.float32), np.asarray(targets, np.uint8), errors)
+            r["ids"].append(row["image_id"])
+            r["scores"].append(row["scores"])
+            r["targets"].append(row["target"])
+    out = {}
+    for s, r in rows.items():
+        if not r["ids"]:
+            raise ValueError(f"{manifest}: no decodable images in split {s!r}")
+        out[s] = Scored(r["ids"], np.asarray(r["scores"], np.float32), np.asarray(r["targets"], np.uint8), r["errors"])
+    return out
 
 
 def per_label_table(vocab, scores, targets, policy) -> pa.Table:
@@ -233,14 +238,17 @@ def evaluate(run: str, manifest: str, split: str = "test", out: str | None = Non
 
     art = load_artifacts(run)
     out = out or storage.join(run, "report", split)
-    scored = score_split(run, manifest, split, batch_size=batch_size)
+    val_split = art.config.data.val_split
+    compare_on = compare_strategies and split != val_split
+    scored_all = score_splits(run, manifest, [split, val_split] if compare_on else [split], batch_size=batch_size)
+    scored = scored_all[split]
     pred = art.policy.predict(scored.scores)
     metrics = multilabel_metrics(scored.scores, scored.targets, art.policy.thresholds, prior=art.prior, predictions=pred)
     at_half = multilabel_metrics(scored.scores, scored.targets, 0.5, prior=art.prior)
     collapse = collapse_report(metrics, scored.scores, art.policy.thresholds, art.vocab, scored.targets, predictions=pred)
     strategies = None
-    if compare_strategies and split != art.config.data.val_split:
-        val = score_split(run, manifest, art.config.data.val_split, batch_size=batch_size)
+    if compare_on:
+        val = scored_all[val_split]
         strategies = compare(val.scores, val.targets, scored.scores, scored.targets, art.config.thresholds)
         strategies["fixed 0.5"] = {k: at_half[k] for k in ("f1_micro", "f1_macro", "f1_samples")} | {
             "images_without_prediction": at_half["images_without_prediction"]}

@@ -56,3 +56,28 @@ def local_ray(s3_server):
 
     init_ray(num_cpus=2)
     yield ray
+
+
+@pytest.fixture(scope="session")
+def trained_run(s3_server, tmp_path_factory):
+    """One short real training run on local disk, shared by the evaluate, predict
+    and tag tests: (run directory, manifest, image root)."""
+    from mlray.config import build_config
+    from mlray.datasets import mnist_mosaics
+    from mlray.prepare import prepare
+    from mlray.runtime import init_ray
+    from mlray.train import train
+
+    root = tmp_path_factory.mktemp("run_images")
+    csv_path = mnist_mosaics(str(root), 500, size=64, seed=21)
+    manifest = str(root / "manifest")
+    prepare(csv_path, str(root), manifest, split="train=0.8,val=0.2")
+    init_ray(num_cpus=2)
+    cfg = build_config({
+        "data": {"manifest": manifest, "image_size": 64, "batch_size": 32, "decode_batch_size": 64},
+        "optim": {"epochs": 2, "lr": 2e-3, "freeze_epochs": 1, "warmup_epochs": 0.2},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "run": {"storage_path": str(root / "runs"), "name": "shared"},
+    })
+    result = train(cfg)
+    return result.run_dir, manifest, str(root)
