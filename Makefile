@@ -17,7 +17,7 @@ test: $(STAMP)
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
 
 demo: $(STAMP)
-	RAY_AUTH_MODE=disabled $(VENV)/bin/mlray demo --out out/demo
+	RAY_AUTH_MODE=disabled $(VENV)/bin/mlray demo --config jobs/configs/demo.yaml --out out/demo
 
 bench: $(STAMP)
 	RAY_AUTH_MODE=disabled $(PY) -m benchmarks.run

@@ -119,6 +119,13 @@ def _tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from mlray.demo import run_demo
+
+    run_demo(args.config, args.out, images=args.images, epochs=args.epochs)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlray", description="Multi-label image classification on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -178,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--incremental", action="store_true", help="tag only ids not yet in OUT (nightly runs)")
     tg.add_argument("--rows-per-file", type=int, default=20_000)
     tg.set_defaults(func=_tag)
+
+    dm = sub.add_parser("demo", help="compose a data set from packaged images, then prepare, train, evaluate, tag")
+    dm.add_argument("--config", default="jobs/configs/demo.yaml")
+    dm.add_argument("--out", default="out/demo")
+    dm.add_argument("--images", type=int, default=1500)
+    dm.add_argument("--epochs", type=int, help="override optim.epochs")
+    dm.set_defaults(func=_demo)
     return p
 
 

@@ -85,18 +85,31 @@ OPENCLIPART_ROOT = "/usr/share/openclipart/png"
 OPENCLIPART_CLASSES = {
     "animal": ["animals"],
     "building": ["buildings"],
+    "electronics": ["electronics"],
     "food": ["food"],
-    "plant": ["plants"],
+    "map": ["geography"],
+    "music": ["recreation/music"],
+    "office": ["office"],
     "person": ["people"],
-    "transport": ["transportation"],
-    "music": ["music"],
-    "tool": ["tools"],
-    "computer": ["computer"],
+    "plant": ["plants"],
     "sign": ["signs_and_symbols"],
-    "household": ["household"],
-    "clothing": ["clothing"],
-    "sport": ["sports"],
+    "sport": ["recreation/sports"],
+    "tool": ["tools"],
+    "vehicle": ["transportation"],
 }
+
+
+def _usable_clipart(data: bytes, max_pixels: int = 16_000_000) -> bool:
+    """A few Openclipart PNGs are 600-megapixel renderings: skip them (and broken files)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w, h = Image.open(io.BytesIO(data)).size
+    except (OSError, Image.DecompressionBombError):
+        return False
+    return w * h <= max_pixels
 
 
 def openclipart_objects(root: str = OPENCLIPART_ROOT, classes: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
@@ -117,10 +130,12 @@ def openclipart_objects(root: str = OPENCLIPART_ROOT, classes: dict[str, list[st
         unique = []
         for p in sorted(paths):
             with open(p, "rb") as f:
-                h = hashlib.sha256(f.read()).hexdigest()
-            if h not in seen:
-                seen.add(h)
-                unique.append(p)
+                data = f.read()
+            h = hashlib.sha256(data).hexdigest()
+            if h in seen or not _usable_clipart(data):
+                continue
+            seen.add(h)
+            unique.append(p)
         if not unique:
             raise FileNotFoundError(f"no PNGs for class {name!r} under {root}/{folders}")
         found[name] = unique

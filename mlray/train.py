@@ -102,6 +102,17 @@ def _has_checkpoint(directory: str) -> bool:
     )
 
 
+def resolve_paths(cfg: Config) -> Config:
+    """Local paths made absolute on the driver: workers run in other directories."""
+    def absolute(uri: str) -> str:
+        return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+    return cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"manifest": absolute(cfg.data.manifest)}),
+        "run": cfg.run.model_copy(update={"storage_path": absolute(cfg.run.storage_path)}),
+    })
+
+
 def train(cfg: Config, *, resume: bool = False) -> TrainResult:
     """Run (or resume) training; returns the run directory and its best epoch."""
     import ray.train
@@ -110,6 +121,7 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
     from mlray.data import image_dataset
     from mlray.runtime import init_ray
 
+    cfg = resolve_paths(cfg)
     directory = rundir.run_dir(cfg)
     if _has_checkpoint(directory) and not resume:
         raise ValueError(
@@ -342,10 +354,13 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         seen = loss_sum = batches = 0
         bad: list[tuple[str, str]] = []
         micro = 0
+        wait = 0.0
+        t_ready = time.time()
         for batch in _batches(
             train_shard, dist, batch_size=cfg.data.batch_size, drop_last=True,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, prefetch_batches=2,
         ):
+            wait += time.time() - t_ready
             errors = batch["error"]
             ok = np.array([e == "" for e in errors])
             if not ok.all():
@@ -374,6 +389,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             seen += len(y)
             loss_sum += loss.item() * cfg.optim.accumulate * len(y)
             batches += 1
+            t_ready = time.time()
         train_time = time.time() - t0
         total_seen, total_loss, total_bad = dist.sum([seen, loss_sum, len(bad)])
 
@@ -437,6 +453,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             "val_pred_per_image": tuned["pred_per_image"],
             "prior_mAP": m["prior.mAP"],
             "images_per_s": total_seen / max(train_time, 1e-9),
+            # the share of the epoch spent waiting for input: near 0 means compute-bound
+            "input_wait": wait / max(train_time, 1e-9),
             "decode_errors": int(total_bad),
             "collapsed": collapse["collapsed"],
             "restarts": state.restarts,
@@ -457,7 +475,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 f"[mlray] epoch {epoch + 1}/{cfg.optim.epochs} loss {record['train_loss']:.4f} "
                 f"val_loss {val_loss:.4f} val mAP {record['val_mAP']:.4f} (prior {record['prior_mAP']:.4f}) "
                 f"F1 micro {record['val_f1_micro']:.4f} @tuned / {record['val_f1_micro@0.5']:.4f} @0.5 "
-                f"{record['images_per_s']:.1f} img/s" + (" *best*" if improved else ""),
+                f"{record['images_per_s']:.1f} img/s (input wait {record['input_wait']:.0%})"
+                + (" *best*" if improved else ""),
                 flush=True,
             )
             if collapse["collapsed"]:

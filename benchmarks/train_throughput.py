@@ -1,0 +1,89 @@
+"""Training throughput: the mlray loop (Ray Data -> Ray Train, 1 worker) against a
+plain single-process PyTorch loop on the same model, images, batch size and
+augmentation, in one run.
+
+    python -m benchmarks.train_throughput [--images 1200] [--size 128] [--batch 32]
+
+The plain loop trains from images already decoded in memory: it is the compute
+bound, so the ratio is everything mlray adds (streaming decode, Ray Train, the
+per-step agreement between workers, metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import OUT, fmt_table, load_split, mosaic_manifest, record
+
+
+def plain_loop(manifest: str, size: int, batch: int, epochs: int) -> float:
+    from mlray.augment import preprocess
+    from mlray.config import AugmentConfig, LossConfig, ModelConfig, OptimConfig
+    from mlray.losses import create_loss
+    from mlray.models import create_model, freeze_norm_stats, init_head, param_groups
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    x, y, vocab = load_split(manifest, "train", size)
+    model = create_model(ModelConfig(), len(vocab)).to(memory_format=torch.channels_last)
+    init_head(model, list(y.mean(axis=0)))
+    opt = torch.optim.AdamW(param_groups(model, OptimConfig()), lr=1e-3)
+    loss_fn = create_loss(LossConfig())
+    aug = AugmentConfig()
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(epochs):
+        model.train()
+        freeze_norm_stats(model, all_layers=True)
+        t, n = time.perf_counter(), 0
+        order = rng.permutation(len(x))
+        for i in range(0, len(x) - batch + 1, batch):
+            idx = order[i : i + batch]
+            xb = preprocess(torch.from_numpy(x[idx]), torch.device("cpu"), (0.5,) * 3, (0.5,) * 3, aug)
+            loss = loss_fn(model(xb), torch.from_numpy(y[idx]).float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n += len(idx)
+        rates.append(n / (time.perf_counter() - t))
+    return rates[-1]
+
+
+def mlray_loop(manifest: str, size: int, batch: int, epochs: int, overrides=()) -> float:
+    from mlray.config import build_config
+    from mlray.train import train
+
+    cfg = build_config({
+        "data": {"manifest": manifest, "image_size": size, "batch_size": batch},
+        "optim": {"epochs": epochs, "freeze_epochs": 0},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "run": {"storage_path": os.path.join(OUT, "runs"), "name": f"throughput-{time.strftime('%H%M%S')}"},
+    }, list(overrides))
+    hist = train(cfg).history
+    return hist[-1]["images_per_s"]
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=1200)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--override", nargs="*", default=[])
+    args = ap.parse_args(argv)
+    manifest = mosaic_manifest(args.images, args.size)
+    ours = mlray_loop(manifest, args.size, args.batch, args.epochs, args.override)
+    plain = plain_loop(manifest, args.size, args.batch, args.epochs)
+    rows = [{"benchmark": "train", "mlray_img_s": ours, "baseline": "plain PyTorch, decoded in memory",
+             "baseline_img_s": plain, "ratio": ours / plain}]
+    record("train", rows)
+    print(fmt_table(["mlray img/s (1 worker)", "plain PyTorch img/s", "ratio"], [[ours, plain, ours / plain]]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
