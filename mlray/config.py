@@ -41,6 +41,7 @@ class DataConfig(_Section):
     fetch_concurrency: int = Field(16, ge=1, description="parallel reads per decode task (unpacked manifests)")
     decode_batch_size: int = Field(128, ge=1, description="rows per Ray Data decode task batch")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each decode task")
+    prefetch_batches: int = Field(4, ge=0, description="batches each worker fetches ahead of the step")
     shuffle_buffer: int = Field(0, ge=0, description="rows in each worker's local shuffle buffer; 0 = off")
     max_error_fraction: float = Field(0.01, ge=0, le=1, description="undecodable images tolerated before failing")
     augment: AugmentConfig = AugmentConfig()

@@ -358,7 +358,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         t_ready = time.time()
         for batch in _batches(
             train_shard, dist, batch_size=cfg.data.batch_size, drop_last=True,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, prefetch_batches=2,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, prefetch_batches=cfg.data.prefetch_batches,
         ):
             wait += time.time() - t_ready
             errors = batch["error"]
