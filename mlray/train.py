@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -255,6 +256,13 @@ def _batches(iterator, dist: _Dist, **kw):
         yield batch
 
 
+def _say(message: str) -> None:
+    """One line to the driver's console. Not ``print``: Ray Train patches it in
+    workers to also log at INFO, which shows every line twice."""
+    sys.stdout.write(f"[mlray] {message}\n")
+    sys.stdout.flush()
+
+
 def _wrap(model: torch.nn.Module, world: int):
     if world == 1:
         return model
@@ -324,7 +332,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             state = _State(**{k: saved[k] for k in ("epoch", "step", "best_map", "bad_epochs", "restarts", "history")})
             state.restarts += 1
         if rank == 0:
-            print(f"[mlray] resumed from checkpoint at epoch {state.epoch} (step {state.step})", flush=True)
+            _say(f"resumed from checkpoint at epoch {state.epoch} (step {state.step})")
     forward_model = torch.compile(model) if cfg.model.compile else model
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -347,7 +355,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             ddp = _wrap(forward_model, world)
             phase = want
             if rank == 0:
-                print(f"[mlray] epoch {epoch + 1}: training {want} ({trainable:,} parameters)", flush=True)
+                _say(f"epoch {epoch + 1}: training {want} ({trainable:,} parameters)")
         model.train()
         freeze_norm_stats(model, all_layers=cfg.model.freeze_bn_stats)
         t0 = time.time()
@@ -471,18 +479,17 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         state.epoch = epoch + 1
         stop = cfg.optim.early_stop_patience is not None and state.bad_epochs >= cfg.optim.early_stop_patience
         if rank == 0:
-            print(
-                f"[mlray] epoch {epoch + 1}/{cfg.optim.epochs} loss {record['train_loss']:.4f} "
+            _say(
+                f"epoch {epoch + 1}/{cfg.optim.epochs} loss {record['train_loss']:.4f} "
                 f"val_loss {val_loss:.4f} val mAP {record['val_mAP']:.4f} (prior {record['prior_mAP']:.4f}) "
                 f"F1 micro {record['val_f1_micro']:.4f} @tuned / {record['val_f1_micro@0.5']:.4f} @0.5 "
                 f"{record['images_per_s']:.1f} img/s (input wait {record['input_wait']:.0%})"
-                + (" *best*" if improved else ""),
-                flush=True,
+                + (" *best*" if improved else "")
             )
             if collapse["collapsed"]:
-                print(format_collapse(collapse), flush=True)
+                _say(format_collapse(collapse))
             for i, e in all_bad[:10]:
-                print(f"[mlray] decode error {i}: {e}", flush=True)
+                _say(f"decode error {i}: {e}")
 
         # ---- save_checkpoint
         weights = (ema.module if ema is not None else model).state_dict()
@@ -514,5 +521,5 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
         if stop:
             if rank == 0:
-                print(f"[mlray] early stop: no val mAP gain for {state.bad_epochs} epochs", flush=True)
+                _say(f"early stop: no val mAP gain for {state.bad_epochs} epochs")
             break
