@@ -1,0 +1,155 @@
+"""Ingest: images/s the training stream delivers, against a tuned torch DataLoader
+over the same Parquet with the same number of workers, and against the raw bound.
+
+    python -m benchmarks.ingest [--images 2400] [--size 224] [--epochs 3]
+
+Data: 640x480 JPEGs of real photos (crops of scikit-learn's sample photos),
+packed in one Parquet manifest. All three decode with ``mlray.images.decode``
+to ``size``², then apply the training augmentation; each reports its last epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing as mp
+import os
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import OUT, fmt_table, record
+
+
+def photo_manifest(n: int) -> str:
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    from mlray.manifest import build_table, write_manifest
+
+    manifest = os.path.join(OUT, f"photos_{n}", "manifest")
+    if os.path.exists(manifest):
+        return manifest
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(load_sample_image(p)) for p in ("china.jpg", "flower.jpg")]
+    blobs, labels = [], []
+    for i in range(n):
+        p = photos[i % 2]
+        w, h = p.size
+        cw, ch = int(w * rng.uniform(0.6, 1)), int(h * rng.uniform(0.6, 1))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        img = p.crop((x, y, x + cw, y + ch)).resize((640, 480))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        blobs.append(buf.getvalue())
+        labels.append(["china"] if i % 2 == 0 else ["flower"])
+    ids = [f"photo_{i:05d}.jpg" for i in range(n)]
+    table = build_table(ids, [None] * n, labels, splits=["train"] * n, images=blobs)
+    write_manifest(table, ["china", "flower"], manifest)
+    return manifest
+
+
+def _augment(batch_uint8: torch.Tensor) -> torch.Tensor:
+    from mlray.augment import preprocess
+    from mlray.config import AugmentConfig
+
+    return preprocess(batch_uint8, torch.device("cpu"), (0.5,) * 3, (0.5,) * 3, AugmentConfig())
+
+
+def mlray_stream(manifest: str, size: int, batch: int, epochs: int) -> float:
+    from mlray.data import image_dataset
+    from mlray.manifest import read_vocab
+    from mlray.runtime import init_ray
+
+    init_ray()
+    ds = image_dataset(manifest, "train", size=size, vocab=read_vocab(manifest), shuffle=True, decode_batch_size=128)
+    rate = 0.0
+    for _ in range(epochs):
+        t, n = time.perf_counter(), 0
+        for b in ds.iter_torch_batches(batch_size=batch, prefetch_batches=4, dtypes={"image": torch.uint8, "target": torch.uint8}, drop_last=True):
+            _augment(b["image"])
+            n += len(b["image"])
+        rate = n / (time.perf_counter() - t)
+    return rate
+
+
+class _ParquetImages(torch.utils.data.Dataset):
+    def __init__(self, manifest: str, size: int):
+        from mlray.manifest import read_manifest
+
+        table, _ = read_manifest(manifest, with_images=True)
+        self.blobs = table.column("image").to_pylist()
+        self.size = size
+
+    def __len__(self):
+        return len(self.blobs)
+
+    def __getitem__(self, i):
+        from mlray.images import decode
+
+        return torch.from_numpy(decode(self.blobs[i], self.size))
+
+
+def dataloader(manifest: str, size: int, batch: int, epochs: int, workers: int) -> float:
+    loader = torch.utils.data.DataLoader(
+        _ParquetImages(manifest, size), batch_size=batch, shuffle=True, num_workers=workers,
+        persistent_workers=True, prefetch_factor=4, drop_last=True,
+    )
+    rate = 0.0
+    for _ in range(epochs):
+        t, n = time.perf_counter(), 0
+        for x in loader:
+            _augment(x)
+            n += len(x)
+        rate = n / (time.perf_counter() - t)
+    return rate
+
+
+def _decode_chunk(args):
+    from mlray.images import decode
+
+    blobs, size = args
+    return len([decode(b, size) for b in blobs])
+
+
+def raw_bound(manifest: str, size: int, workers: int) -> float:
+    from mlray.manifest import read_manifest
+
+    table, _ = read_manifest(manifest, with_images=True)
+    blobs = table.column("image").to_pylist()
+    chunks = [(blobs[i : i + 64], size) for i in range(0, len(blobs), 64)]
+    with mp.get_context("fork").Pool(workers) as pool:
+        pool.map(_decode_chunk, chunks[:4])  # warm up
+        t = time.perf_counter()
+        n = sum(pool.map(_decode_chunk, chunks))
+    return n / (time.perf_counter() - t)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=2400)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=3)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # augmentation is cheap; leave the cores to decoding
+    workers = os.cpu_count() or 1
+    manifest = photo_manifest(args.images)
+    raw = raw_bound(manifest, args.size, workers)
+    dl = dataloader(manifest, args.size, args.batch, args.epochs, workers)
+    ours = mlray_stream(manifest, args.size, args.batch, args.epochs)
+    rows = [
+        {"benchmark": "ingest", "mlray_img_s": ours, "baseline": f"torch DataLoader, {workers} workers",
+         "baseline_img_s": dl, "ratio": ours / dl},
+        {"benchmark": "ingest", "mlray_img_s": ours, "baseline": f"raw decode bound, {workers} processes",
+         "baseline_img_s": raw, "ratio": ours / raw},
+    ]
+    record("ingest", rows)
+    print(fmt_table(["mlray stream img/s", "baseline", "baseline img/s", "ratio"],
+                    [[r["mlray_img_s"], r["baseline"], r["baseline_img_s"], r["ratio"]] for r in rows]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
