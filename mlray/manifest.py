@@ -147,7 +147,8 @@ def sort_by_split(table: pa.Table) -> pa.Table:
     if "split" not in table.column_names:
         return table
     rank = pc.index_in(table.column("split"), pa.array(list(SPLITS)))
-    order = pc.sort_indices(pa.table({"s": rank}), sort_keys=[("s", "ascending")], null_placement="at_end")
+    rank = pc.fill_null(rank, len(SPLITS))  # unsplit rows last
+    order = pc.sort_indices(pa.table({"s": rank}), sort_keys=[("s", "ascending")])
     return table.take(order)
 
 
