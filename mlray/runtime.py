@@ -18,9 +18,11 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     from ray.data import DataContext
 
+    ctx = DataContext.get_current()
+    ctx.print_on_execution_start = False  # the plan of every epoch's dataset is developer detail
     if not sys.stderr.isatty():
         # In logs (CI, submitted jobs) per-operator bars become thousands of lines.
-        DataContext.get_current().enable_progress_bars = False
+        ctx.enable_progress_bars = False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address:
