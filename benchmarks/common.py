@@ -64,3 +64,18 @@ def fmt_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def in_fresh_process(module: str, func: str, *args) -> float:
+    """Run a baseline in its own process with the same malloc settings mlray gives
+    its Ray workers (``mlray.runtime.WORKER_ENV``), so a ratio measures the
+    framework, not the allocator."""
+    import subprocess
+    import sys
+
+    from mlray.runtime import WORKER_ENV
+
+    code = f"import json, {module} as m; print(json.dumps(m.{func}(*{list(args)!r})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, **WORKER_ENV})
+    return float(out.stdout.strip().splitlines()[-1])

@@ -74,7 +74,9 @@ def decode_rows(
     return out
 
 
-def read_manifest_dataset(manifest: str, split: str | Sequence[str] | None, columns: Sequence[str]):
+def read_manifest_dataset(
+    manifest: str, split: str | Sequence[str] | None, columns: Sequence[str], *, shuffle_files: bool = False
+):
     """A Ray Dataset over a manifest's rows, filtered to ``split`` (one name or
     several; pushed down to the Parquet scan, which skips row groups of other splits)."""
     import ray.data
@@ -87,7 +89,9 @@ def read_manifest_dataset(manifest: str, split: str | Sequence[str] | None, colu
     cols = [c for c in columns if c in schema_cols]
     if split is not None and "split" in schema_cols:
         cols = list(dict.fromkeys([*cols, "split"]))
-    ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None).select_columns(cols)
+    ds = ray.data.read_parquet(
+        paths, filesystem=fs, partitioning=None, shuffle="files" if shuffle_files and len(paths) > 1 else None
+    ).select_columns(cols)
     if split is not None:
         if "split" not in schema_cols:
             raise ValueError(f"{manifest}: no 'split' column, so split {split!r} cannot be selected")
@@ -131,13 +135,12 @@ def decode_dataset(
     """Fetch and decode the rows of any dataset with ``image_id``, ``uri`` and
     optionally ``image`` columns (a manifest, or a listing of image files).
 
-    With ``shuffle``, the order of blocks and the rows inside each decode batch
-    change every epoch (a fresh random order per execution), without the
-    all-to-all barrier of a global shuffle that would stall the stream.
+    With ``shuffle``, rows are permuted inside each decode batch, every epoch
+    anew; the reader shuffles file order (``image_dataset``). Both stream: a
+    global shuffle (or ``randomize_block_order``) is an all-to-all barrier that
+    holds the epoch's packed bytes in the object store before the first batch.
     """
     ds = ds.repartition(target_num_rows_per_block=decode_batch_size)
-    if shuffle:
-        ds = ds.randomize_block_order()
     return ds.map_batches(
         decode_rows,
         batch_size=decode_batch_size,
@@ -152,5 +155,20 @@ def decode_dataset(
 
 def image_dataset(manifest: str, split: str | Sequence[str] | None, *, keep: Sequence[str] = ("image_id",), **kw):
     """Decoded images of one split of a manifest, as a lazy Ray Dataset."""
-    ds = read_manifest_dataset(manifest, split, ["image_id", "uri", "labels", "image", *keep])
+    ds = read_manifest_dataset(
+        manifest, split, ["image_id", "uri", "labels", "image", *keep], shuffle_files=kw.get("shuffle", False)
+    )
     return decode_dataset(ds, keep=keep, **kw)
+
+
+def torch_collate():
+    """For ``iter_torch_batches``: numeric columns become tensors, while the id and
+    error strings stay numpy (torch has no string tensors)."""
+    import torch
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class Collate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+            return {k: (v if v.dtype == object else torch.from_numpy(v)) for k, v in batch.items()}
+
+    return Collate()

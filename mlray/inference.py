@@ -23,7 +23,6 @@ class Predictor:
 
     def __init__(self, art: RunArtifacts, device: str | torch.device | None = None):
         from mlray.models import create_model, normalization
-
         self.art = art
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cfg = art.config
@@ -90,8 +89,7 @@ class ScoreBatches:
         self, directory: str, *, threshold: float | None = None, top_k: int | None = None,
         with_targets: bool = False, torch_threads: int | None = None,
     ):
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
+        self.torch_threads = torch_threads
         self.predictor = Predictor.load(directory)
         self.policy = self.predictor.art.policy
         n = len(self.predictor.vocab)
@@ -108,6 +106,10 @@ class ScoreBatches:
         self.vocab = np.array(self.predictor.vocab, dtype=object)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if self.torch_threads and torch.get_num_threads() != self.torch_threads:
+            # Ray Data calls this from its own thread, whose OpenMP team size comes
+            # from OMP_NUM_THREADS (1 for fractional-CPU actors), not from __init__.
+            torch.set_num_threads(self.torch_threads)
         errors = batch["error"]
         ok = np.array([e == "" for e in errors], dtype=bool)
         n = len(errors)
@@ -142,6 +144,8 @@ def score_dataset(
     """Append the actor pool that scores decoded rows (``image``, ``error``, ids)."""
     from ray.data import ActorPoolStrategy
 
+    from mlray.runtime import worker_runtime_env
+
     cpus = actor_cpus if actor_cpus is not None else (1.0 if num_gpus else 0.5)
     threads = None if num_gpus else max(1, int(os.cpu_count() or 1) // max(1, concurrency))
     return ds.map_batches(
@@ -155,5 +159,6 @@ def score_dataset(
         compute=ActorPoolStrategy(size=concurrency),
         num_gpus=num_gpus or None,
         num_cpus=cpus,
+        runtime_env=worker_runtime_env(),
     )
 

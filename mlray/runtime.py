@@ -11,6 +11,24 @@ import os
 import sys
 
 
+# glibc malloc settings for the processes that run models and decode images.
+# By default glibc serves big blocks with fresh mmap'd pages and hands them back
+# on free, and gives each thread its own arena (Ray Data calls actor UDFs from a
+# worker thread), so every forward pass page-faults its activations in again.
+# Measured here, batched EfficientNet-Lite0 inference at 128 px in a Ray actor:
+# about 240 images/s with the defaults, 590 with these. They only take effect at
+# process start, hence environment variables for Ray workers.
+WORKER_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str((1 << 31) - 1),
+}
+
+
+def worker_runtime_env(extra: dict[str, str] | None = None) -> dict:
+    return {"env_vars": {**WORKER_ENV, **(extra or {})}}
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     import ray
 
@@ -30,10 +48,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     else:
         from mlray.storage import s3_env
 
-        env = s3_env()
         ray.init(
             address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-            runtime_env={"env_vars": env} if env else None,
+            runtime_env=worker_runtime_env(s3_env()),
         )
 
 

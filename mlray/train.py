@@ -30,6 +30,7 @@ import torch
 
 from mlray import rundir, storage
 from mlray.config import Config
+from mlray.data import torch_collate
 from mlray.manifest import read_manifest
 
 STATE_FILE = "train_state.pt"
@@ -120,7 +121,7 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     from mlray.data import image_dataset
-    from mlray.runtime import init_ray
+    from mlray.runtime import init_ray, worker_runtime_env
 
     cfg = resolve_paths(cfg)
     directory = rundir.run_dir(cfg)
@@ -169,6 +170,7 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
             ),
             # mlray prints its own line per epoch; Ray's per-report INFO lines repeat it.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            worker_runtime_env=worker_runtime_env(),
         ),
         datasets=datasets,
         dataset_config=_IngestConfig(),
@@ -235,20 +237,9 @@ class _Dist:
         return out
 
 
-def _collate():
-    """Numeric columns to tensors; ids and error strings stay numpy."""
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
-    class Collate(NumpyBatchCollateFn):
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-            return {k: (v if v.dtype == object else torch.from_numpy(v)) for k, v in batch.items()}
-
-    return Collate()
-
-
 def _batches(iterator, dist: _Dist, **kw):
     """Yield batches while *every* worker still has one."""
-    it = iter(iterator.iter_torch_batches(collate_fn=_collate(), **kw))
+    it = iter(iterator.iter_torch_batches(collate_fn=torch_collate(), **kw))
     while True:
         batch = next(it, None)
         if not dist.all_have(batch is not None):
@@ -411,7 +402,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         val_loss_sum = 0.0
         with torch.inference_mode():
             for batch in val_shard.iter_torch_batches(
-                batch_size=cfg.data.batch_size, prefetch_batches=2, collate_fn=_collate()
+                batch_size=cfg.data.batch_size, prefetch_batches=2, collate_fn=torch_collate()
             ):
                 ok = np.array([e == "" for e in batch["error"]])
                 bad += [(i, e) for i, e, good in zip(batch["image_id"], batch["error"], ok) if not good]
