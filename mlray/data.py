@@ -131,6 +131,7 @@ def decode_dataset(
     shuffle: bool = False,
     keep: Sequence[str] = ("image_id",),
     decode_num_cpus: float = 1.0,
+    reblock: bool = True,
 ):
     """Fetch and decode the rows of any dataset with ``image_id``, ``uri`` and
     optionally ``image`` columns (a manifest, or a listing of image files).
@@ -140,7 +141,8 @@ def decode_dataset(
     global shuffle (or ``randomize_block_order``) is an all-to-all barrier that
     holds the epoch's packed bytes in the object store before the first batch.
     """
-    ds = ds.repartition(target_num_rows_per_block=decode_batch_size)
+    if reblock:  # pass False when the blocks already hold ``decode_batch_size`` rows
+        ds = ds.repartition(target_num_rows_per_block=decode_batch_size)
     return ds.map_batches(
         decode_rows,
         batch_size=decode_batch_size,
@@ -163,12 +165,17 @@ def image_dataset(manifest: str, split: str | Sequence[str] | None, *, keep: Seq
 
 def torch_collate():
     """For ``iter_torch_batches``: numeric columns become tensors, while the id and
-    error strings stay numpy (torch has no string tensors)."""
+    error strings stay numpy (torch has no string tensors). Ray hands out
+    read-only views of the object store; they are copied (a few MB a batch)
+    so the tensors are ordinary writable ones."""
     import torch
     from ray.data.collate_fn import NumpyBatchCollateFn
 
     class Collate(NumpyBatchCollateFn):
         def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-            return {k: (v if v.dtype == object else torch.from_numpy(v)) for k, v in batch.items()}
+            return {
+                k: (v if v.dtype == object else torch.from_numpy(np.require(v, requirements="W")))
+                for k, v in batch.items()
+            }
 
     return Collate()

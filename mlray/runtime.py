@@ -29,6 +29,30 @@ def worker_runtime_env(extra: dict[str, str] | None = None) -> dict:
     return {"env_vars": {**WORKER_ENV, **(extra or {})}}
 
 
+def quiet_train_reports() -> None:
+    """Ray Train logs every ``ray.train.report`` at INFO, a dump of the whole
+    metrics dict per epoch beside mlray's own one-line summary. Its logger is
+    named after the module's file path, hence the lookup."""
+    import importlib.util
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+
+
+def quiet_embedded_ray() -> None:
+    """Worker set-up hook of the embedded local Ray. It runs without the dashboard,
+    so without the State API, which Ray Train's placement-group cleaner polls
+    every second and warns about each time. On the embedded Ray the cleaner has
+    nothing to guard (the whole Ray ends with the process), so it is silenced."""
+    import logging
+
+    quiet_train_reports()
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     import ray
 
@@ -50,7 +74,7 @@ def init_ray(num_cpus: int | None = None) -> None:
 
         ray.init(
             address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-            runtime_env=worker_runtime_env(s3_env()),
+            runtime_env={**worker_runtime_env(s3_env()), "worker_process_setup_hook": "mlray.runtime.quiet_embedded_ray"},
         )
 
 

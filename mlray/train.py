@@ -276,9 +276,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     from mlray.models import create_model, freeze_norm_stats, init_head, normalization, param_groups, set_trainable
     from mlray.thresholds import tune
 
-    import logging
+    from mlray.runtime import quiet_train_reports
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per epoch is ours; no echo of each report
+    quiet_train_reports()  # one line per epoch is ours; no echo of each report
     cfg = Config.model_validate(loop_cfg["config"])
     vocab, positives, n_train = loop_cfg["vocab"], loop_cfg["positives"], loop_cfg["n_train"]
     directory = loop_cfg["run_dir"]
