@@ -25,6 +25,12 @@ def record(section: str, rows: list[dict]) -> None:
         json.dump(doc, f, indent=1)
 
 
+def steady_rate(rates: list[float]) -> float:
+    """Images/s of a run measured per epoch: the median after the first (warm-up)
+    epoch, which is steadier on a shared 2-core machine than any single epoch."""
+    return float(np.median(rates[1:] if len(rates) > 1 else rates))
+
+
 @contextmanager
 def timer():
     box = {}

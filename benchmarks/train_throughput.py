@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import OUT, fmt_table, in_fresh_process, load_split, mosaic_manifest, record
+from benchmarks.common import OUT, fmt_table, in_fresh_process, load_split, mosaic_manifest, record, steady_rate
 
 
 def plain_loop(manifest: str, size: int, batch: int, epochs: int) -> float:
@@ -50,7 +50,7 @@ def plain_loop(manifest: str, size: int, batch: int, epochs: int) -> float:
             opt.step()
             n += len(idx)
         rates.append(n / (time.perf_counter() - t))
-    return rates[-1]
+    return steady_rate(rates)
 
 
 def mlray_loop(manifest: str, size: int, batch: int, epochs: int, overrides=()) -> float:
@@ -64,7 +64,7 @@ def mlray_loop(manifest: str, size: int, batch: int, epochs: int, overrides=()) 
         "run": {"storage_path": os.path.join(OUT, "runs"), "name": f"throughput-{time.strftime('%H%M%S')}"},
     }, list(overrides))
     hist = train(cfg).history
-    return hist[-1]["images_per_s"]
+    return steady_rate([h["images_per_s"] for h in hist])
 
 
 def main(argv=None) -> list[dict]:
@@ -72,7 +72,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--images", type=int, default=1200)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--override", nargs="*", default=[])
     args = ap.parse_args(argv)
     manifest = mosaic_manifest(args.images, args.size)
