@@ -356,13 +356,15 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         seen = loss_sum = batches = 0
         bad: list[tuple[str, str]] = []
         micro = 0
-        wait = 0.0
+        wait = first_wait = 0.0
         t_ready = time.time()
         for batch in _batches(
             train_shard, dist, batch_size=cfg.data.batch_size, drop_last=True,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, prefetch_batches=cfg.data.prefetch_batches,
         ):
-            wait += time.time() - t_ready
+            waited = time.time() - t_ready
+            first_wait = waited if batches == 0 else first_wait
+            wait += waited
             errors = batch["error"]
             ok = np.array([e == "" for e in errors])
             if not ok.all():
@@ -457,6 +459,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             "images_per_s": total_seen / max(train_time, 1e-9),
             # the share of the epoch spent waiting for input: near 0 means compute-bound
             "input_wait": wait / max(train_time, 1e-9),
+            # of which: the epoch's stream starting up (read, first decode) before its first batch
+            "first_batch_s": first_wait,
             "decode_errors": int(total_bad),
             "collapsed": collapse["collapsed"],
             "restarts": state.restarts,
@@ -477,7 +481,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 f"epoch {epoch + 1}/{cfg.optim.epochs} loss {record['train_loss']:.4f} "
                 f"val_loss {val_loss:.4f} val mAP {record['val_mAP']:.4f} (prior {record['prior_mAP']:.4f}) "
                 f"F1 micro {record['val_f1_micro']:.4f} @tuned / {record['val_f1_micro@0.5']:.4f} @0.5 "
-                f"{record['images_per_s']:.1f} img/s (input wait {record['input_wait']:.0%})"
+                f"{record['images_per_s']:.1f} img/s (input wait {record['input_wait']:.0%}, "
+                f"{record['first_batch_s']:.1f} s of it before the first batch)"
                 + (" *best*" if improved else "")
             )
             if collapse["collapsed"]:

@@ -54,6 +54,8 @@ def test_two_workers_learn_from_s3_and_checkpoint_to_s3(local_ray, s3_manifest):
     assert hist[1]["train_loss"] < hist[0]["train_loss"]
     assert hist[-1]["val_mAP"] > hist[-1]["prior_mAP"] + 0.05
     assert not hist[-1]["collapsed"]
+    for h in hist:  # the input-wait diagnostics of the epoch line are shares and parts of the epoch
+        assert 0 < h["input_wait"] < 1 and 0 < h["first_batch_s"] and h["images_per_s"] > 0
     d = result.run_dir
     assert d.startswith("s3://")
     for name in (rundir.CONFIG, rundir.LABELS, rundir.WEIGHTS, rundir.THRESHOLDS, rundir.BEST, rundir.HISTORY):
