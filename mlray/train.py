@@ -237,12 +237,26 @@ class _Dist:
         return out
 
 
-def _batches(iterator, dist: _Dist, **kw):
-    """Yield batches while *every* worker still has one."""
-    it = iter(iterator.iter_torch_batches(collate_fn=torch_collate(), **kw))
+def _error_rows(batch: dict) -> list[tuple[str, str]]:
+    """(image id, reason) of the rows of a batch that could not be decoded."""
+    return [(i, e) for i, e in zip(batch["image_id"], batch["error"]) if e]
+
+
+def _batches(iterator, dist: _Dist, skipped_errors: list, *, batch_size: int, **kw):
+    """Yield full batches while *every* worker still has one.
+
+    Rows that are not trained on (the short last batch, and what a worker has
+    left when another one ran out) are still read to the end, so that their
+    decode errors land in ``skipped_errors``: every bad row is counted, not
+    only those that happened to fall in a trained batch.
+    """
+    it = iter(iterator.iter_torch_batches(collate_fn=torch_collate(), batch_size=batch_size, drop_last=False, **kw))
     while True:
         batch = next(it, None)
-        if not dist.all_have(batch is not None):
+        full = batch is not None and len(batch["image_id"]) == batch_size
+        if not dist.all_have(full):
+            for rest in ([batch] if batch is not None else []) + list(it):
+                skipped_errors += _error_rows(rest)
             return
         yield batch
 
@@ -359,7 +373,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         wait = first_wait = 0.0
         t_ready = time.time()
         for batch in _batches(
-            train_shard, dist, batch_size=cfg.data.batch_size, drop_last=True,
+            train_shard, dist, bad, batch_size=cfg.data.batch_size,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, prefetch_batches=cfg.data.prefetch_batches,
         ):
             waited = time.time() - t_ready
@@ -368,7 +382,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             errors = batch["error"]
             ok = np.array([e == "" for e in errors])
             if not ok.all():
-                bad += [(i, e) for i, e, good in zip(batch["image_id"], errors, ok) if not good]
+                bad += _error_rows(batch)
             images = batch["image"][torch.from_numpy(ok)] if not ok.all() else batch["image"]
             targets = batch["target"][torch.from_numpy(ok)] if not ok.all() else batch["target"]
             x = preprocess(images, device, mean, std, cfg.data.augment)
@@ -407,7 +421,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 batch_size=cfg.data.batch_size, prefetch_batches=2, collate_fn=torch_collate()
             ):
                 ok = np.array([e == "" for e in batch["error"]])
-                bad += [(i, e) for i, e, good in zip(batch["image_id"], batch["error"], ok) if not good]
+                bad += _error_rows(batch)
                 if not ok.any():
                     continue
                 sel = torch.from_numpy(ok)
