@@ -42,7 +42,11 @@ class DataConfig(_Section):
     decode_batch_size: int = Field(128, ge=1, description="rows per Ray Data decode task batch")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each decode task")
     prefetch_batches: int = Field(4, ge=0, description="batches each worker fetches ahead of the step")
-    shuffle_buffer: int = Field(0, ge=0, description="rows in each worker's local shuffle buffer; 0 = off")
+    shuffle_buffer_mb: float | None = Field(
+        None, ge=0,
+        description="MB of decoded images in each worker's local shuffle buffer; null = auto (on for packed "
+        "manifests stored in source order, off when rows are stored shuffled), 0 = off",
+    )
     max_error_fraction: float = Field(0.01, ge=0, le=1, description="undecodable images tolerated before failing")
     augment: AugmentConfig = AugmentConfig()
 

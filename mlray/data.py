@@ -40,7 +40,6 @@ def decode_rows(
     vocab: Sequence[str] | None = None,
     fetch_concurrency: int = 16,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    shuffle: bool = False,
     keep: Sequence[str] = ("image_id",),
 ) -> dict[str, np.ndarray]:
     """One Ray Data batch: fetch (if not packed) and decode.
@@ -68,17 +67,13 @@ def decode_rows(
         out[name] = _string_array(batch.column(name).to_pylist())
     if vocab is not None:
         out["target"] = multi_hot(batch.column("labels"), vocab)
-    if shuffle:
-        order = np.random.permutation(batch.num_rows)
-        out = {k: v[order] for k, v in out.items()}
     return out
 
 
-def read_manifest_dataset(
-    manifest: str, split: str | Sequence[str] | None, columns: Sequence[str], *, shuffle_files: bool = False
-):
-    """A Ray Dataset over a manifest's rows, filtered to ``split`` (one name or
-    several; pushed down to the Parquet scan, which skips row groups of other splits)."""
+def read_manifest_dataset(manifest: str, split: str | Sequence[str] | None, columns: Sequence[str]):
+    """A Ray Dataset over a manifest's rows in stored order, filtered to ``split`` (one
+    name or several; pushed down to the Parquet scan, which skips row groups of
+    other splits). Training reads through ``mlray.shuffle`` instead."""
     import ray.data
     from ray.data.expressions import col
 
@@ -89,17 +84,17 @@ def read_manifest_dataset(
     cols = [c for c in columns if c in schema_cols]
     if split is not None and "split" in schema_cols:
         cols = list(dict.fromkeys([*cols, "split"]))
-    ds = ray.data.read_parquet(
-        paths, filesystem=fs, partitioning=None, shuffle="files" if shuffle_files and len(paths) > 1 else None
-    ).select_columns(cols)
+    ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None).select_columns(cols)
     if split is not None:
         if "split" not in schema_cols:
             raise ValueError(f"{manifest}: no 'split' column, so split {split!r} cannot be selected")
         ds = ds.filter(expr=col("split") == split if isinstance(split, str) else col("split").is_in(list(split)))
-    if "uri" in cols:
-        base = manifest if storage.is_dir(manifest) else storage.parent(manifest)
-        ds = ds.map_batches(_absolute_uris, batch_format="pyarrow", fn_kwargs={"base": base}, zero_copy_batch=True)
-    return ds
+    return with_absolute_uris(ds, manifest) if "uri" in cols else ds
+
+
+def with_absolute_uris(ds, manifest: str):
+    base = manifest if storage.is_dir(manifest) else storage.parent(manifest)
+    return ds.map_batches(_absolute_uris, batch_format="pyarrow", fn_kwargs={"base": base}, zero_copy_batch=True)
 
 
 def _absolute_uris(batch: pa.Table, base: str) -> pa.Table:
@@ -128,19 +123,12 @@ def decode_dataset(
     vocab: Sequence[str] | None,
     decode_batch_size: int = 128,
     fetch_concurrency: int = 16,
-    shuffle: bool = False,
     keep: Sequence[str] = ("image_id",),
     decode_num_cpus: float = 1.0,
     reblock: bool = True,
 ):
     """Fetch and decode the rows of any dataset with ``image_id``, ``uri`` and
-    optionally ``image`` columns (a manifest, or a listing of image files).
-
-    With ``shuffle``, rows are permuted inside each decode batch, every epoch
-    anew; the reader shuffles file order (``image_dataset``). Both stream: a
-    global shuffle (or ``randomize_block_order``) is an all-to-all barrier that
-    holds the epoch's packed bytes in the object store before the first batch.
-    """
+    optionally ``image`` columns (a manifest, or a listing of image files)."""
     if reblock:  # pass False when the blocks already hold ``decode_batch_size`` rows
         ds = ds.repartition(target_num_rows_per_block=decode_batch_size)
     return ds.map_batches(
@@ -149,18 +137,25 @@ def decode_dataset(
         batch_format="pyarrow",
         num_cpus=decode_num_cpus,
         fn_kwargs={
-            "size": size, "vocab": vocab, "fetch_concurrency": fetch_concurrency, "shuffle": shuffle,
-            "keep": tuple(keep),
+            "size": size, "vocab": vocab, "fetch_concurrency": fetch_concurrency, "keep": tuple(keep),
         },
     )
 
 
-def image_dataset(manifest: str, split: str | Sequence[str] | None, *, keep: Sequence[str] = ("image_id",), **kw):
-    """Decoded images of one split of a manifest, as a lazy Ray Dataset."""
-    ds = read_manifest_dataset(
-        manifest, split, ["image_id", "uri", "labels", "image", *keep], shuffle_files=kw.get("shuffle", False)
-    )
-    return decode_dataset(ds, keep=keep, **kw)
+def image_dataset(
+    manifest: str, split: str | Sequence[str] | None, *, keep: Sequence[str] = ("image_id",),
+    shuffle: bool = False, seed: int = 0, **kw,
+):
+    """Decoded images of one split of a manifest, as a lazy Ray Dataset. With
+    ``shuffle``, every epoch streams the rows in a new random order that mixes
+    the whole split, whatever order the manifest stores them in (``mlray.shuffle``)."""
+    columns = ["image_id", "uri", "labels", "image", *keep]
+    if not shuffle:
+        return decode_dataset(read_manifest_dataset(manifest, split, columns), keep=keep, **kw)
+    from mlray.shuffle import shuffled_split
+
+    ds = shuffled_split(manifest, split, columns, block_rows=kw.get("decode_batch_size", 128), seed=seed)
+    return decode_dataset(with_absolute_uris(ds, manifest), keep=keep, reblock=False, **kw)
 
 
 def torch_collate():

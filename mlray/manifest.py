@@ -20,15 +20,19 @@ import pyarrow.parquet as pq
 from mlray import storage
 
 LABELS_KEY = b"mlray.labels"
+# "random": rows of each split are stored in a seeded random order (``mlray prepare``
+# writes them so). Absent in manifests written in source order, e.g. by older versions.
+ROW_ORDER_KEY = b"mlray.row_order"
 SPLITS = ("train", "val", "test")
 REQUIRED = {"image_id": pa.string(), "uri": pa.string(), "labels": pa.list_(pa.string())}
 OPTIONAL = {"split": pa.string(), "image": pa.binary(), "content_hash": pa.string()}
 COLUMN_ORDER = ("image_id", "uri", "labels", "split", "content_hash", "image")
 STATS_FILE = "_stats.json"
 
-# Row groups of tens of MB: few large GETs from object storage, while a reader
-# still streams (and Ray Data still parallelises) group by group.
-PACKED_ROW_GROUP_BYTES = 32 << 20
+# Row groups of several MB: large GETs from object storage, and small enough that
+# the training stream can read them as shuffle units in a fresh random order each
+# epoch with little memory (``mlray.shuffle``).
+PACKED_ROW_GROUP_BYTES = 8 << 20
 PACKED_FILE_BYTES = 256 << 20
 UNPACKED_ROWS_PER_FILE = 1_000_000
 UNPACKED_ROW_GROUP_ROWS = 128_000
@@ -38,10 +42,20 @@ class ManifestError(ValueError):
     """The manifest breaks the contract; the message names the file, row or key."""
 
 
-def schema_with_vocab(schema: pa.Schema, vocab: Sequence[str]) -> pa.Schema:
+def schema_with_vocab(schema: pa.Schema, vocab: Sequence[str], row_order: str | None = None) -> pa.Schema:
     meta = dict(schema.metadata or {})
     meta[LABELS_KEY] = json.dumps(list(vocab)).encode()
+    if row_order is not None:
+        meta[ROW_ORDER_KEY] = row_order.encode()
     return schema.with_metadata(meta)
+
+
+def read_row_order(uri: str) -> str | None:
+    """``"random"`` when the manifest's rows are stored shuffled within each split; None otherwise."""
+    first = manifest_files(uri)[0]
+    fs, path = storage.resolve(first)
+    raw = (pq.read_schema(path, filesystem=fs).metadata or {}).get(ROW_ORDER_KEY)
+    return raw.decode() if raw else None
 
 
 def vocab_from_schema(schema: pa.Schema, source: str) -> list[str]:
@@ -141,15 +155,18 @@ def _order(table: pa.Table) -> pa.Table:
     return table.select([c for c in COLUMN_ORDER if c in table.column_names])
 
 
-def sort_by_split(table: pa.Table) -> pa.Table:
-    """Rows ordered train, val, test, unsplit: a reader filtering on ``split``
-    then skips whole row groups by their statistics."""
-    if "split" not in table.column_names:
-        return table
-    rank = pc.index_in(table.column("split"), pa.array(list(SPLITS)))
-    rank = pc.fill_null(rank, len(SPLITS))  # unsplit rows last
-    order = pc.sort_indices(pa.table({"s": rank}), sort_keys=[("s", "ascending")])
-    return table.take(order)
+def storage_order(splits: Sequence[str | None] | None, n: int, seed: int = 0) -> np.ndarray:
+    """The order rows are written in: train, val, test, unsplit (a reader filtering
+    on ``split`` skips whole row groups by their statistics), and a seeded random
+    order within each split. Label files usually list rows grouped by category;
+    stored that way, every read of a slice of the manifest would see a few
+    categories only."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    if splits is None:
+        return order
+    rank = np.array([SPLITS.index(s) if s in SPLITS else len(SPLITS) for s in splits], dtype=np.int64)
+    return order[np.argsort(rank[order], kind="stable")]
 
 
 class ManifestWriter:
@@ -161,8 +178,8 @@ class ManifestWriter:
     manifest at ``out`` that this write did not replace.
     """
 
-    def __init__(self, out: str, vocab: Sequence[str]):
-        self.out, self.vocab = out, list(vocab)
+    def __init__(self, out: str, vocab: Sequence[str], *, row_order: str | None = None):
+        self.out, self.vocab, self.row_order = out, list(vocab), row_order
         self.files: list[str] = []
         self._stale = set(storage.list_files(out, (".parquet",))) if storage.exists(out) else set()
         self._buffer: list[pa.Table] = []
@@ -177,7 +194,7 @@ class ManifestWriter:
         validate(table, self.vocab, self.out, check_unique=False)
         table = _order(table).replace_schema_metadata(None)
         if self._schema is None:
-            self._schema = schema_with_vocab(table.schema, self.vocab)
+            self._schema = schema_with_vocab(table.schema, self.vocab, self.row_order)
         self._buffer.append(table.cast(self._schema))
         self._buffered_rows += table.num_rows
         self._buffered_bytes += table.nbytes
@@ -232,11 +249,15 @@ class ManifestWriter:
         self._writer = self._stack = None
 
 
-def write_manifest(table: pa.Table, vocab: Sequence[str], out: str, *, stats: dict | None = None) -> list[str]:
-    """Write an in-memory manifest table as a directory at ``out``; returns file URIs."""
+def write_manifest(
+    table: pa.Table, vocab: Sequence[str], out: str, *, stats: dict | None = None, seed: int = 0
+) -> list[str]:
+    """Write an in-memory manifest table as a directory at ``out`` (rows in
+    ``storage_order``); returns file URIs."""
     validate(table, vocab, out)
-    writer = ManifestWriter(out, vocab)
-    table = sort_by_split(table)
+    writer = ManifestWriter(out, vocab, row_order="random")
+    splits = table.column("split").to_pylist() if "split" in table.column_names else None
+    table = table.take(pa.array(storage_order(splits, table.num_rows, seed)))
     step = 4096
     for i in range(0, max(table.num_rows, 1), step):
         writer.write(table.slice(i, step))

@@ -19,7 +19,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from mlray import storage
-from mlray.manifest import SPLITS, ManifestWriter, build_table
+from mlray.manifest import SPLITS, ManifestWriter, build_table, storage_order
 from mlray.sources import Source, SourceError, load_source
 from mlray.splits import iterative_split, parse_ratios
 from mlray.stats import manifest_stats
@@ -139,8 +139,8 @@ def prepare(
     stats = manifest_stats(meta, src.vocab)
     stats["source"] = source
     stats["missing_images"] = missing
-    order = sorted(range(len(ids)), key=lambda i: SPLITS.index(splits[i]))
-    writer = ManifestWriter(out, src.vocab)
+    order = storage_order(splits, len(ids), seed).tolist()
+    writer = ManifestWriter(out, src.vocab, row_order="random")
     try:
         with tqdm(total=len(order), desc="write manifest", unit="img", disable=None) as bar:
             for i in range(0, len(order), CHUNK):

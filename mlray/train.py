@@ -122,6 +122,7 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
 
     from mlray.data import image_dataset
     from mlray.runtime import init_ray, worker_runtime_env
+    from mlray.shuffle import local_buffer_rows
 
     cfg = resolve_paths(cfg)
     directory = rundir.run_dir(cfg)
@@ -145,7 +146,7 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
         fetch_concurrency=cfg.data.fetch_concurrency, decode_num_cpus=cfg.data.decode_cpus,
     )
     datasets = {
-        "train": image_dataset(cfg.data.manifest, cfg.data.train_split, shuffle=True, **common),
+        "train": image_dataset(cfg.data.manifest, cfg.data.train_split, shuffle=True, seed=cfg.optim.seed, **common),
         "val": image_dataset(cfg.data.manifest, cfg.data.val_split, shuffle=False, **common),
     }
     resources = {"CPU": cfg.scaling.cpus_per_worker}
@@ -157,6 +158,7 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
         train_loop_config={
             "config": cfg.model_dump(mode="json"), "vocab": info.vocab, "positives": info.train_positives,
             "n_train": info.n_train, "n_val": info.n_val, "run_dir": directory,
+            "shuffle_buffer_rows": local_buffer_rows(cfg.data.manifest, cfg.data.image_size, cfg.data.shuffle_buffer_mb),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources,
@@ -374,7 +376,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         t_ready = time.time()
         for batch in _batches(
             train_shard, dist, bad, batch_size=cfg.data.batch_size,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, prefetch_batches=cfg.data.prefetch_batches,
+            local_shuffle_buffer_size=loop_cfg["shuffle_buffer_rows"], prefetch_batches=cfg.data.prefetch_batches,
         ):
             waited = time.time() - t_ready
             first_wait = waited if batches == 0 else first_wait
