@@ -137,6 +137,17 @@ class Config(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def training_facts(cfg: Config) -> dict:
+    """The settings a run's diagnostics check, as plain values, so that advice
+    never suggests what the run already does."""
+    return {
+        "loss": cfg.loss.name, "lr": cfg.optim.lr, "backbone_lr_mult": cfg.optim.backbone_lr_mult,
+        "freeze_epochs": cfg.optim.freeze_epochs, "epochs": cfg.optim.epochs,
+        "unfreeze_stages": cfg.optim.unfreeze_stages, "threshold_strategy": cfg.thresholds.strategy,
+        "at_least_one": cfg.thresholds.at_least_one,
+    }
+
+
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree

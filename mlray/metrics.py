@@ -156,8 +156,12 @@ def collapse_report(
     *,
     map_margin: float = 0.02,
     predictions: np.ndarray | None = None,
+    history: Sequence[dict] = (),
+    settings: dict | None = None,
 ) -> dict:
-    """Say whether the model is no better than doing nothing, and what usually fixes it."""
+    """Say whether the model is no better than doing nothing and, from the run's
+    own evidence (``history``: the per-epoch records; ``settings``: the run's
+    ``config.training_facts``), what is likely behind it."""
     y = np.asarray(targets).astype(bool)
     if predictions is None:
         pred = np.asarray(scores) >= _as_thresholds(thresholds, y.shape[1])
@@ -166,30 +170,71 @@ def collapse_report(
     has_pos = y.sum(axis=0) > 0
     never = [vocab[j] for j in np.flatnonzero(has_pos & (pred.sum(axis=0) == 0))]
     reasons = []
-    if np.isfinite(metrics.get("mAP", np.nan)) and metrics["mAP"] <= metrics["prior.mAP"] + map_margin:
+    near_prior = np.isfinite(metrics.get("mAP", np.nan)) and metrics["mAP"] <= metrics["prior.mAP"] + map_margin
+    if near_prior:
         reasons.append(
             f"mAP {metrics['mAP']:.3f} is within {map_margin} of the label-prior baseline "
             f"({metrics['prior.mAP']:.3f}): the ranking is no better than label frequency"
         )
     true_per = metrics["true_per_image"]
-    if true_per > 0 and metrics["pred_per_image"] < 0.1 * true_per:
+    silent = true_per > 0 and metrics["pred_per_image"] < 0.1 * true_per
+    if silent:
         reasons.append(
             f"{metrics['pred_per_image']:.2f} predicted labels per image against {true_per:.2f} true: "
             "the model predicts (almost) all zeros at these thresholds"
         )
     if has_pos.sum() and len(never) > 0.5 * has_pos.sum():
         reasons.append(f"{len(never)} of {int(has_pos.sum())} labels are never predicted")
-    advice = (
-        "usual fixes: loss.name=asl or bce_weighted (imbalance), a lower optim.lr, unfreezing the backbone "
-        "(optim.freeze_epochs smaller than optim.epochs), more epochs, and tuned thresholds "
-        "(thresholds.strategy=per_label)"
-    )
-    return {
-        "collapsed": bool(reasons),
-        "reasons": reasons,
-        "never_predicted": never,
-        "advice": advice if reasons else "",
-    }
+        silent = True
+    advice = collapse_advice(history, settings or {}, near_prior=near_prior, silent=silent) if reasons else []
+    return {"collapsed": bool(reasons), "reasons": reasons, "never_predicted": never, "advice": advice}
+
+
+def collapse_advice(history: Sequence[dict], settings: dict, *, near_prior: bool, silent: bool) -> list[str]:
+    """Likely causes the evidence supports, each with the change to try; nothing the
+    settings already do. ``history`` records need ``epoch``, ``phase``, ``val_mAP``,
+    ``prior_mAP`` and ``train_loss``."""
+    out = []
+    get = settings.get
+    head = [h for h in history if h.get("phase") == "head"]
+    full = [h for h in history if h.get("phase") not in (None, "head")]
+    if head and full:
+        best = max(head, key=lambda h: h["val_mAP"])
+        last = full[-1]
+        if best["val_mAP"] - last["val_mAP"] > max(0.02, 0.1 * best["val_mAP"]):
+            mult = get("backbone_lr_mult")
+            step = f"optim.backbone_lr_mult={mult / 5:.3g} (now {mult:g})" if mult else "a lower backbone LR"
+            stages = "" if get("unfreeze_stages") in (1, 2) else ", or optim.unfreeze_stages=2 (train the last stages only)"
+            out.append(
+                f"val mAP fell from {best['val_mAP']:.3f} (epoch {best['epoch']}, head only) to "
+                f"{last['val_mAP']:.3f} after the backbone unfroze: the backbone's updates destroy what the "
+                f"head learned; try {step}{stages}"
+            )
+    elif history and not full and get("epochs") and get("freeze_epochs", 0) >= get("epochs"):
+        out.append("the backbone never trained (optim.freeze_epochs >= optim.epochs): lower optim.freeze_epochs")
+    if near_prior and history and all(h["val_mAP"] <= h["prior_mAP"] + 0.02 for h in history):
+        first, last = history[0]["train_loss"], history[-1]["train_loss"]
+        if len(history) > 1 and last < 0.8 * first:
+            out.append(
+                f"the training loss fell ({first:.4f} -> {last:.4f}) but val mAP never rose above the label "
+                "prior's: the model learns the training rows only; check that train and val come from the same "
+                "images and labels, and that labels are right"
+            )
+        else:
+            lr = get("lr")
+            out.append(
+                f"neither the training loss ({first:.4f} -> {last:.4f}) nor val mAP moved from the label prior: "
+                + (f"try optim.lr={lr / 3:.2g} (now {lr:g})" if lr else "try a lower optim.lr")
+                + (" or more epochs" if len(history) < 3 else "")
+            )
+    if (near_prior or silent) and get("loss") == "bce":
+        out.append("plain BCE lets the label prior dominate with rare labels: try loss.name=asl or bce_weighted")
+    if silent:
+        if get("at_least_one") is False:
+            out.append("images get no label: thresholds.at_least_one=true gives each its top label")
+        if get("threshold_strategy") == "global":
+            out.append("one global threshold suits frequent labels only: try thresholds.strategy=per_label")
+    return out
 
 
 def format_collapse(report: dict, max_labels: int = 15) -> str:
@@ -200,5 +245,5 @@ def format_collapse(report: dict, max_labels: int = 15) -> str:
     if report["never_predicted"]:
         names = report["never_predicted"]
         lines.append(f"  never predicted: {names[:max_labels]}" + (" ..." if len(names) > max_labels else ""))
-    lines.append(f"  {report['advice']}")
+    lines += [f"  likely cause: {a}" for a in report["advice"]] or ["  no cause stands out in this run's history"]
     return "\n".join(lines)

@@ -200,7 +200,7 @@ def render_html(title: str, metrics: dict, collapse: dict, table: pa.Table, plot
     if collapse["collapsed"]:
         items = "".join(f"<li>{html.escape(r)}</li>" for r in collapse["reasons"])
         warn = (f"<div class=warn><b>Model collapse: no better than a trivial predictor.</b><ul>{items}</ul>"
-                f"<p>{html.escape(collapse['advice'])}</p></div>")
+                + "".join(f"<p>Likely cause: {html.escape(a)}</p>" for a in collapse["advice"]) + "</div>")
     strat = ""
     if strategies:
         srows = "".join(
@@ -233,6 +233,7 @@ td:first-child{{text-align:left}}.warn{{background:#fee;border:1px solid #c33;pa
 def evaluate(run: str, manifest: str, split: str = "test", out: str | None = None, *,
              batch_size: int = 64, compare_strategies: bool = True) -> dict:
     """Score ``split`` and write the report; returns the metrics dict."""
+    from mlray.config import training_facts
     from mlray.rundir import load_artifacts, read_history
     from mlray.thresholds import compare_strategies as compare
 
@@ -245,7 +246,10 @@ def evaluate(run: str, manifest: str, split: str = "test", out: str | None = Non
     pred = art.policy.predict(scored.scores)
     metrics = multilabel_metrics(scored.scores, scored.targets, art.policy.thresholds, prior=art.prior, predictions=pred)
     at_half = multilabel_metrics(scored.scores, scored.targets, 0.5, prior=art.prior)
-    collapse = collapse_report(metrics, scored.scores, art.policy.thresholds, art.vocab, scored.targets, predictions=pred)
+    collapse = collapse_report(
+        metrics, scored.scores, art.policy.thresholds, art.vocab, scored.targets, predictions=pred,
+        history=read_history(run), settings=training_facts(art.config),
+    )
     strategies = None
     if compare_on:
         val = scored_all[val_split]

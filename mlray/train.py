@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import torch
 
 from mlray import rundir, storage
-from mlray.config import Config
+from mlray.config import Config, training_facts
 from mlray.data import torch_collate
 from mlray.manifest import read_manifest
 
@@ -278,177 +278,212 @@ def _wrap(model: torch.nn.Module, world: int):
     return prepare_model(model, move_to_device=False, parallel_strategy="ddp")
 
 
-def train_loop_per_worker(loop_cfg: dict) -> None:
-    """The per-worker recipe; runs inside each Ray Train worker."""
-    import json
+@dataclass
+class EpochStats:
+    """What one worker saw in ``train_epoch``; summed over workers by ``Recipe.epoch_record``."""
 
-    import ray
-    import ray.train
-    import ray.train.torch
+    seen: int = 0
+    loss_sum: float = 0.0
+    batches: int = 0
+    wait: float = 0.0
+    first_wait: float = 0.0
+    seconds: float = 0.0
+    dropped_micro: int = 0
+    bad: list = field(default_factory=list)
 
-    from mlray.augment import preprocess
-    from mlray.losses import create_loss
-    from mlray.metrics import collapse_report, format_collapse, multilabel_metrics
-    from mlray.models import create_model, freeze_norm_stats, init_head, normalization, param_groups, set_trainable
-    from mlray.thresholds import tune
 
-    from mlray.runtime import quiet_train_reports
+@dataclass
+class ValResult:
+    scores: np.ndarray
+    targets: np.ndarray
+    loss: float
+    bad: list
 
-    quiet_train_reports()  # one line per epoch is ours; no echo of each report
-    cfg = Config.model_validate(loop_cfg["config"])
-    vocab, positives, n_train = loop_cfg["vocab"], loop_cfg["positives"], loop_cfg["n_train"]
-    directory = loop_cfg["run_dir"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
-    torch.manual_seed(cfg.optim.seed * 1000 + rank)
-    dist = _Dist(world, device)
-    nodes = len(set(dist.gather(ray.get_runtime_context().get_node_id())))
-    amp = cfg.optim.amp and device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+
+class Recipe:
+    """One worker's recipe: ``setup``, then per epoch ``train_epoch``, ``validate``,
+    ``epoch_record``, ``save_checkpoint``; ``cleanup`` at the end.
+
+    It takes plain iterables of batches (dicts of ``image`` uint8 NHWC, ``target``,
+    ``image_id`` and ``error``) and a ``_Dist`` for the collectives, so the steps
+    run and are tested without Ray; ``train_loop_per_worker`` wires it to Ray Train.
+    """
+
+    def __init__(self, cfg: Config, vocab: list[str], positives: list[int], n_train: int, *,
+                 device: torch.device, dist: "_Dist", rank: int = 0):
+        self.cfg, self.vocab, self.positives, self.n_train = cfg, vocab, positives, n_train
+        self.device, self.dist, self.rank = device, dist, rank
+        self.prior = [p / n_train for p in positives]
+        self.state = _State()
+        amp = cfg.optim.amp and device.type == "cuda"
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        self.phase = None
+        self.ddp = None
 
     # ---- setup
-    prior = [p / n_train for p in positives]
-    model = create_model(cfg.model, len(vocab))
-    init_head(model, prior)
-    model = model.to(device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    mean, std = normalization(model)
-    loss_fn = create_loss(cfg.loss, positives, n_train).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr, betas=(0.9, 0.999))
-    ema = None
-    if cfg.optim.ema_decay:
-        from timm.utils import ModelEmaV3
+    def setup(self, checkpoint_dir: str | None = None) -> None:
+        from mlray.losses import create_loss
+        from mlray.models import create_model, init_head, normalization, param_groups
 
-        ema = ModelEmaV3(model, decay=cfg.optim.ema_decay)
-    micro_per_epoch = n_train // (cfg.data.batch_size * world)
-    steps_per_epoch = max(1, micro_per_epoch // cfg.optim.accumulate)
-    total_steps = steps_per_epoch * cfg.optim.epochs
-    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
-    unfreeze_step = cfg.optim.freeze_epochs * steps_per_epoch
+        cfg = self.cfg
+        torch.manual_seed(cfg.optim.seed * 1000 + self.rank)
+        model = create_model(cfg.model, len(self.vocab))
+        init_head(model, self.prior)
+        model = model.to(self.device)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.mean, self.std = normalization(model)
+        self.loss_fn = create_loss(cfg.loss, self.positives, self.n_train).to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr, betas=(0.9, 0.999))
+        self.ema = None
+        if cfg.optim.ema_decay:
+            from timm.utils import ModelEmaV3
 
-    state = _State()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(rundir.load_weights(os.path.join(d, rundir.WEIGHTS)))
-            saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-            optimizer.load_state_dict(saved["optimizer"])
-            if ema is not None and os.path.exists(os.path.join(d, rundir.EMA_FILE)):
-                ema.module.load_state_dict(rundir.load_weights(os.path.join(d, rundir.EMA_FILE)))
-            state = _State(**{k: saved[k] for k in ("epoch", "step", "best_map", "bad_epochs", "restarts", "history")})
-            state.restarts += 1
-        if rank == 0:
-            _say(f"resumed from checkpoint at epoch {state.epoch} (step {state.step})")
-    forward_model = torch.compile(model) if cfg.model.compile else model
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    phase = None
-    ddp = None
+            self.ema = ModelEmaV3(model, decay=cfg.optim.ema_decay)
+        micro_per_epoch = self.n_train // (cfg.data.batch_size * self.dist.world)
+        self.steps_per_epoch = max(1, micro_per_epoch // cfg.optim.accumulate)
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        self.warmup = int(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.unfreeze_step = cfg.optim.freeze_epochs * self.steps_per_epoch
+        if checkpoint_dir is not None:
+            self._restore(checkpoint_dir)
+        self.forward_model = torch.compile(model) if cfg.model.compile else model
 
-    def set_lr() -> None:
-        base = lr_factor(state.step, total_steps, warmup, cfg.optim.schedule)
-        for g in optimizer.param_groups:
+    def _restore(self, d: str) -> None:
+        self.model.load_state_dict(rundir.load_weights(os.path.join(d, rundir.WEIGHTS)))
+        saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.ema is not None and os.path.exists(os.path.join(d, rundir.EMA_FILE)):
+            self.ema.module.load_state_dict(rundir.load_weights(os.path.join(d, rundir.EMA_FILE)))
+        self.state = _State(**{k: saved[k] for k in ("epoch", "step", "best_map", "bad_epochs", "restarts", "history")})
+        self.state.restarts += 1
+
+    def _set_lr(self) -> None:
+        cfg, step = self.cfg, self.state.step
+        base = lr_factor(step, self.total_steps, self.warmup, cfg.optim.schedule)
+        for g in self.optimizer.param_groups:
             f = base
-            if not g.get("is_head", True) and unfreeze_step > 0 and warmup > 0:
-                f *= min(1.0, max(0, state.step - unfreeze_step + 1) / warmup)
+            if not g.get("is_head", True) and self.unfreeze_step > 0 and self.warmup > 0:
+                f *= min(1.0, max(0, step - self.unfreeze_step + 1) / self.warmup)
             g["lr"] = cfg.optim.lr * g.get("lr_scale", 1.0) * f
 
-    for epoch in range(state.epoch, cfg.optim.epochs):
-        # ---- train_epoch
-        want = "head" if epoch < cfg.optim.freeze_epochs else (cfg.optim.unfreeze_stages or "all")
-        if want != phase:
-            trainable = set_trainable(model, want)
-            ddp = _wrap(forward_model, world)
-            phase = want
-            if rank == 0:
+    def _enter_phase(self, epoch: int) -> None:
+        from mlray.models import set_trainable
+
+        want = "head" if epoch < self.cfg.optim.freeze_epochs else (self.cfg.optim.unfreeze_stages or "all")
+        if want != self.phase:
+            trainable = set_trainable(self.model, want)
+            self.ddp = _wrap(self.forward_model, self.dist.world)
+            self.phase = want
+            if self.rank == 0:
                 _say(f"epoch {epoch + 1}: training {want} ({trainable:,} parameters)")
-        model.train()
-        freeze_norm_stats(model, all_layers=cfg.model.freeze_bn_stats)
-        t0 = time.time()
-        seen = loss_sum = batches = 0
-        bad: list[tuple[str, str]] = []
+
+    def _optimizer_step(self) -> None:
+        self._set_lr()
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.state.step)
+
+    # ---- train_epoch
+    def train_epoch(self, epoch: int, batches) -> EpochStats:
+        """Steps over ``batches``. Rows that failed to decode are left out and listed;
+        a batch with no good row still runs forward and backward with a zero loss,
+        so DDP workers stay in lockstep and the epoch loss stays finite. A partial
+        accumulation group at the end is dropped (its gradient zeroed): the LR
+        schedule counts whole groups, and an unsynchronised DDP gradient must not
+        be stepped or carried into the next epoch."""
+        from mlray.augment import preprocess
+        from mlray.models import freeze_norm_stats
+
+        cfg, accumulate = self.cfg, self.cfg.optim.accumulate
+        self._enter_phase(epoch)
+        self.model.train()
+        freeze_norm_stats(self.model, all_layers=cfg.model.freeze_bn_stats)
+        st = EpochStats()
         micro = 0
-        wait = first_wait = 0.0
-        t_ready = time.time()
-        for batch in _batches(
-            train_shard, dist, bad, batch_size=cfg.data.batch_size,
-            local_shuffle_buffer_size=loop_cfg["shuffle_buffer_rows"], prefetch_batches=cfg.data.prefetch_batches,
-        ):
+        t0 = t_ready = time.time()
+        for batch in batches:
             waited = time.time() - t_ready
-            first_wait = waited if batches == 0 else first_wait
-            wait += waited
-            errors = batch["error"]
-            ok = np.array([e == "" for e in errors])
-            if not ok.all():
-                bad += _error_rows(batch)
-            images = batch["image"][torch.from_numpy(ok)] if not ok.all() else batch["image"]
-            targets = batch["target"][torch.from_numpy(ok)] if not ok.all() else batch["target"]
-            x = preprocess(images, device, mean, std, cfg.data.augment)
-            y = targets.to(device, non_blocking=True).float()
-            last = (micro + 1) % cfg.optim.accumulate == 0
-            sync = contextlib.nullcontext() if (last or world == 1) else ddp.no_sync()
+            st.first_wait = waited if st.batches == 0 else st.first_wait
+            st.wait += waited
+            ok = np.array([e == "" for e in batch["error"]])
+            st.bad += _error_rows(batch)
+            keep = torch.from_numpy(ok) if ok.any() else torch.ones(len(ok), dtype=torch.bool)
+            x = preprocess(batch["image"][keep], self.device, self.mean, self.std, cfg.data.augment)
+            y = batch["target"][keep].to(self.device, non_blocking=True).float()
+            last = (micro + 1) % accumulate == 0
+            sync = contextlib.nullcontext() if (last or self.dist.world == 1) else self.ddp.no_sync()
             with sync:
-                with autocast():
-                    logits = ddp(x)
-                loss = loss_fn(logits, y) / cfg.optim.accumulate
-                loss.backward()
+                with self.autocast():
+                    logits = self.ddp(x)
+                loss = self.loss_fn(logits, y) * (1.0 if ok.any() else 0.0)
+                (loss / accumulate).backward()
             micro += 1
             if last:
-                set_lr()
-                if cfg.optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                if ema is not None:
-                    ema.update(model, step=state.step)
-            seen += len(y)
-            loss_sum += loss.item() * cfg.optim.accumulate * len(y)
-            batches += 1
+                self._optimizer_step()
+            n_ok = int(ok.sum())
+            st.seen += n_ok
+            st.loss_sum += loss.item() * n_ok
+            st.batches += 1
             t_ready = time.time()
-        train_time = time.time() - t0
-        total_seen, total_loss, total_bad = dist.sum([seen, loss_sum, len(bad)])
+        if micro % accumulate:
+            self.optimizer.zero_grad(set_to_none=True)
+            st.dropped_micro = micro % accumulate
+        st.seconds = time.time() - t0
+        return st
 
-        # ---- validate
-        eval_model = ema.module if ema is not None else model
-        eval_model.eval()
-        scores, targets = [], []
-        val_loss_sum = 0.0
+    # ---- validate
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def validate(self, batches) -> ValResult:
+        """Scores of this worker's validation rows (no collectives: shards may differ in size)."""
+        from mlray.augment import preprocess
+
+        model = self.eval_model()
+        model.eval()
+        scores, targets, bad = [], [], []
+        loss_sum = 0.0
         with torch.inference_mode():
-            for batch in val_shard.iter_torch_batches(
-                batch_size=cfg.data.batch_size, prefetch_batches=2, collate_fn=torch_collate()
-            ):
+            for batch in batches:
                 ok = np.array([e == "" for e in batch["error"]])
                 bad += _error_rows(batch)
                 if not ok.any():
                     continue
                 sel = torch.from_numpy(ok)
-                x = preprocess(batch["image"][sel], device, mean, std)
+                x = preprocess(batch["image"][sel], self.device, self.mean, self.std)
                 y = batch["target"][sel]
-                with autocast():
-                    logits = eval_model(x).float()
-                val_loss_sum += loss_fn(logits, y.to(device).float()).item() * len(y)
+                with self.autocast():
+                    logits = model(x).float()
+                loss_sum += self.loss_fn(logits, y.to(self.device).float()).item() * len(y)
                 scores.append(torch.sigmoid(logits).cpu().numpy())
                 targets.append(y.numpy())
-        local = (
-            np.concatenate(scores) if scores else np.zeros((0, len(vocab)), np.float32),
-            np.concatenate(targets) if targets else np.zeros((0, len(vocab)), np.uint8),
-            bad,
+        c = len(self.vocab)
+        return ValResult(
+            np.concatenate(scores) if scores else np.zeros((0, c), np.float32),
+            np.concatenate(targets) if targets else np.zeros((0, c), np.uint8),
+            loss_sum, bad,
         )
-        gathered = dist.gather(local)
+
+    def epoch_record(self, epoch: int, st: EpochStats, val: ValResult):
+        """Gather every worker's epoch (the collectives of an epoch live here) and
+        compute the metric set, thresholds and collapse check. Returns
+        (record, policy, tuned metrics, collapse report, all bad rows)."""
+        from mlray.metrics import collapse_report, multilabel_metrics
+        from mlray.thresholds import tune
+
+        cfg, dist = self.cfg, self.dist
+        total_seen, total_loss, total_bad = dist.sum([st.seen, st.loss_sum, len(st.bad)])
+        gathered = dist.gather((val.scores, val.targets, st.bad + val.bad))
         val_scores = np.concatenate([g[0] for g in gathered])
         val_targets = np.concatenate([g[1] for g in gathered])
         all_bad = [b for g in gathered for b in g[2]]
-        val_loss = dist.sum([val_loss_sum])[0] / max(len(val_scores), 1)
-        policy = tune(val_scores, val_targets, cfg.thresholds)
-        m = multilabel_metrics(val_scores, val_targets, 0.5, prior=prior)
-        val_pred = policy.predict(val_scores)
-        tuned = multilabel_metrics(val_scores, val_targets, policy.thresholds, prior=prior, predictions=val_pred)
-        collapse = collapse_report(tuned, val_scores, policy.thresholds, vocab, val_targets, predictions=val_pred)
+        val_loss = dist.sum([val.loss])[0] / max(len(val_scores), 1)
         n_seen_all = total_seen + len(val_scores) + len(all_bad)
         if all_bad and len(all_bad) > cfg.data.max_error_fraction * max(n_seen_all, 1):
             listing = "\n  ".join(f"{i}: {e}" for i, e in all_bad[:50])
@@ -456,9 +491,13 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 f"{len(all_bad)} images could not be decoded in epoch {epoch + 1}, more than "
                 f"data.max_error_fraction={cfg.data.max_error_fraction} of {n_seen_all}:\n  {listing}"
             )
+        policy = tune(val_scores, val_targets, cfg.thresholds)
+        m = multilabel_metrics(val_scores, val_targets, 0.5, prior=self.prior)
+        pred = policy.predict(val_scores)
+        tuned = multilabel_metrics(val_scores, val_targets, policy.thresholds, prior=self.prior, predictions=pred)
         record = {
             "epoch": epoch + 1,
-            "phase": str(phase),
+            "phase": str(self.phase),
             "train_loss": total_loss / max(total_seen, 1),
             "val_loss": val_loss,
             "val_mAP": m["mAP"],
@@ -472,30 +511,121 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             "val_subset_accuracy": tuned["subset_accuracy"],
             "val_pred_per_image": tuned["pred_per_image"],
             "prior_mAP": m["prior.mAP"],
-            "images_per_s": total_seen / max(train_time, 1e-9),
+            "images_per_s": total_seen / max(st.seconds, 1e-9),
             # the share of the epoch spent waiting for input: near 0 means compute-bound
-            "input_wait": wait / max(train_time, 1e-9),
+            "input_wait": st.wait / max(st.seconds, 1e-9),
             # of which: the epoch's stream starting up (read, first decode) before its first batch
-            "first_batch_s": first_wait,
+            "first_batch_s": st.first_wait,
             "decode_errors": int(total_bad),
-            "collapsed": collapse["collapsed"],
-            "restarts": state.restarts,
-            "workers": world,
-            "nodes": nodes,
-            "lr": optimizer.param_groups[-1]["lr"],
+            "restarts": self.state.restarts,
+            "workers": dist.world,
+            "lr": self.optimizer.param_groups[-1]["lr"],
         }
-        state.history.append(record)
-        improved = record["val_mAP"] > state.best_map + 1e-6
+        collapse = collapse_report(
+            tuned, val_scores, policy.thresholds, self.vocab, val_targets, predictions=pred,
+            history=[*self.state.history, record], settings=training_facts(cfg),
+        )
+        record["collapsed"] = collapse["collapsed"]
+        return record, policy, tuned, collapse, all_bad
+
+    def finish_epoch(self, record: dict) -> tuple[bool, bool]:
+        """Book-keeping after validation: (improved, stop early)."""
+        st = self.state
+        st.history.append(record)
+        improved = record["val_mAP"] > st.best_map + 1e-6
         if improved:
-            state.best_map, state.bad_epochs = record["val_mAP"], 0
+            st.best_map, st.bad_epochs = record["val_mAP"], 0
         else:
-            state.bad_epochs += 1
-        state.epoch = epoch + 1
-        stop = cfg.optim.early_stop_patience is not None and state.bad_epochs >= cfg.optim.early_stop_patience
+            st.bad_epochs += 1
+        st.epoch = record["epoch"]
+        patience = self.cfg.optim.early_stop_patience
+        return improved, patience is not None and st.bad_epochs >= patience
+
+    # ---- save_checkpoint
+    def save_checkpoint(self, directory: str, tmp: str, record: dict, policy, tuned: dict, improved: bool) -> None:
+        """Rank 0: the run directory (history; weights, thresholds and best.json on a
+        new best) and the resumable checkpoint files in ``tmp``."""
+        import json
+
+        cfg = self.cfg
+        rundir.write_history(directory, self.state.history)
+        if improved:
+            rundir.save_weights(storage.join(directory, rundir.WEIGHTS), self.eval_model().state_dict())
+            storage.write_text(storage.join(directory, rundir.THRESHOLDS), policy.to_json())
+            storage.write_text(
+                storage.join(directory, rundir.BEST),
+                json.dumps({"epoch": record["epoch"], "val": dict(tuned), "record": record}, indent=1),
+            )
+        with open(os.path.join(tmp, rundir.WEIGHTS), "wb") as f:
+            f.write(rundir.weights_bytes(self.model.state_dict()))
+        if self.ema is not None:
+            with open(os.path.join(tmp, rundir.EMA_FILE), "wb") as f:
+                f.write(rundir.weights_bytes(self.ema.module.state_dict()))
+        torch.save({"optimizer": self.optimizer.state_dict(), **self.state.__dict__}, os.path.join(tmp, STATE_FILE))
+        with open(os.path.join(tmp, rundir.THRESHOLDS), "w") as f:
+            f.write(policy.to_json())
+        with open(os.path.join(tmp, rundir.CONFIG), "w") as f:
+            f.write(cfg.to_yaml())
+        with open(os.path.join(tmp, rundir.LABELS), "w") as f:
+            f.write(rundir.labels_doc(self.vocab, self.positives, self.n_train))
+
+    # ---- cleanup
+    def cleanup(self) -> None:
+        """Drop the model and optimiser before the worker exits (frees device memory
+        for a restart in the same process)."""
+        self.ddp = self.forward_model = self.model = self.optimizer = self.ema = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def train_loop_per_worker(loop_cfg: dict) -> None:
+    """Runs inside each Ray Train worker: the recipe, fed by this worker's shards."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from mlray.metrics import format_collapse
+    from mlray.runtime import quiet_train_reports
+
+    quiet_train_reports()  # one line per epoch is ours; no echo of each report
+    cfg = Config.model_validate(loop_cfg["config"])
+    directory = loop_cfg["run_dir"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+    dist = _Dist(world, device)
+    nodes = len(set(dist.gather(ray.get_runtime_context().get_node_id())))
+    recipe = Recipe(cfg, loop_cfg["vocab"], loop_cfg["positives"], loop_cfg["n_train"], device=device,
+                    dist=dist, rank=rank)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            recipe.setup(d)
+        if rank == 0:
+            _say(f"resumed from checkpoint at epoch {recipe.state.epoch} (step {recipe.state.step})")
+    else:
+        recipe.setup()
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    for epoch in range(recipe.state.epoch, cfg.optim.epochs):
+        skipped: list = []
+        stats = recipe.train_epoch(epoch, _batches(
+            train_shard, dist, skipped, batch_size=cfg.data.batch_size,
+            local_shuffle_buffer_size=loop_cfg["shuffle_buffer_rows"], prefetch_batches=cfg.data.prefetch_batches,
+        ))
+        stats.bad += skipped
+        val = recipe.validate(val_shard.iter_torch_batches(
+            batch_size=cfg.data.batch_size, prefetch_batches=2, collate_fn=torch_collate()
+        ))
+        record, policy, tuned, collapse, all_bad = recipe.epoch_record(epoch, stats, val)
+        record["nodes"] = nodes
+        improved, stop = recipe.finish_epoch(record)
         if rank == 0:
             _say(
                 f"epoch {epoch + 1}/{cfg.optim.epochs} loss {record['train_loss']:.4f} "
-                f"val_loss {val_loss:.4f} val mAP {record['val_mAP']:.4f} (prior {record['prior_mAP']:.4f}) "
+                f"val_loss {record['val_loss']:.4f} val mAP {record['val_mAP']:.4f} (prior {record['prior_mAP']:.4f}) "
                 f"F1 micro {record['val_f1_micro']:.4f} @tuned / {record['val_f1_micro@0.5']:.4f} @0.5 "
                 f"{record['images_per_s']:.1f} img/s (input wait {record['input_wait']:.0%}, "
                 f"{record['first_batch_s']:.1f} s of it before the first batch)"
@@ -505,36 +635,14 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 _say(format_collapse(collapse))
             for i, e in all_bad[:10]:
                 _say(f"decode error {i}: {e}")
-
-        # ---- save_checkpoint
-        weights = (ema.module if ema is not None else model).state_dict()
-        if rank == 0:
-            rundir.write_history(directory, state.history)
-            if improved:
-                rundir.save_weights(storage.join(directory, rundir.WEIGHTS), weights)
-                storage.write_text(storage.join(directory, rundir.THRESHOLDS), policy.to_json())
-                storage.write_text(
-                    storage.join(directory, rundir.BEST),
-                    json.dumps({"epoch": epoch + 1, "val": {k: v for k, v in tuned.items()}, "record": record}, indent=1),
-                )
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
+            ckpt = None
             if rank == 0:
-                with open(os.path.join(tmp, rundir.WEIGHTS), "wb") as f:
-                    f.write(rundir.weights_bytes(model.state_dict()))
-                if ema is not None:
-                    with open(os.path.join(tmp, rundir.EMA_FILE), "wb") as f:
-                        f.write(rundir.weights_bytes(ema.module.state_dict()))
-                torch.save({"optimizer": optimizer.state_dict(), **state.__dict__}, os.path.join(tmp, STATE_FILE))
-                with open(os.path.join(tmp, rundir.THRESHOLDS), "w") as f:
-                    f.write(policy.to_json())
-                with open(os.path.join(tmp, rundir.CONFIG), "w") as f:
-                    f.write(cfg.to_yaml())
-                with open(os.path.join(tmp, rundir.LABELS), "w") as f:
-                    f.write(rundir.labels_doc(vocab, positives, n_train))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
+                recipe.save_checkpoint(directory, tmp, record, policy, tuned, improved)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))}, checkpoint=ckpt)
         if stop:
             if rank == 0:
-                _say(f"early stop: no val mAP gain for {state.bad_epochs} epochs")
+                _say(f"early stop: no val mAP gain for {recipe.state.bad_epochs} epochs")
             break
+    recipe.cleanup()

@@ -11,7 +11,7 @@ from sklearn import metrics as skm
 
 from mlray.config import LossConfig, ThresholdConfig
 from mlray.losses import create_loss, pos_weight_from_counts
-from mlray.metrics import collapse_report, multilabel_metrics
+from mlray.metrics import format_collapse, collapse_report, multilabel_metrics
 from mlray.thresholds import ThresholdPolicy, best_label_thresholds, compare_strategies, tune
 
 
@@ -86,10 +86,42 @@ def test_collapse_flagged_for_all_zero_model_not_for_good_one():
     zero = np.full_like(scores, 0.01) + np.random.default_rng(0).normal(0, 1e-4, scores.shape)
     m0 = multilabel_metrics(zero, y, 0.5, prior=prior)
     assert m0["hamming_loss"] < 0.15  # "99% accuracy" of doing nothing
-    rep = collapse_report(m0, zero, 0.5, vocab, y)
-    assert rep["collapsed"] and len(rep["never_predicted"]) == 10 and "asl" in rep["advice"]
+    rep = collapse_report(m0, zero, 0.5, vocab, y, settings={"loss": "bce", "threshold_strategy": "global"})
+    assert rep["collapsed"] and len(rep["never_predicted"]) == 10
+    advice = " ".join(rep["advice"])
+    assert "loss.name=asl" in advice and "thresholds.strategy=per_label" in advice
     good = multilabel_metrics(scores, y, 0.5, prior=prior)
     assert not collapse_report(good, scores, 0.5, vocab, y)["collapsed"]
+
+
+def _epochs(maps, prior=0.1, losses=None):
+    losses = losses or [0.5] * len(maps)
+    return [{"epoch": i + 1, "phase": "head" if i == 0 else "all", "val_mAP": m, "prior_mAP": prior,
+             "train_loss": loss} for i, (m, loss) in enumerate(zip(maps, losses))]
+
+
+def test_collapse_advice_names_what_the_run_shows_and_nothing_it_already_does():
+    scores, y = _data(n=300, c=10, density=0.1, seed=6)
+    vocab = [f"l{i}" for i in range(10)]
+    zero = np.full_like(scores, 0.01) + np.random.default_rng(0).normal(0, 1e-4, scores.shape)
+    m0 = multilabel_metrics(zero, y, 0.5, prior=y.mean(axis=0))
+    already = {"loss": "asl", "threshold_strategy": "per_label", "at_least_one": True, "backbone_lr_mult": 0.5,
+               "unfreeze_stages": 2, "lr": 2e-3, "epochs": 5, "freeze_epochs": 1}
+    # a head-only epoch at 0.30, then the unfrozen backbone drags it down
+    rep = collapse_report(m0, zero, 0.5, vocab, y, history=_epochs([0.30, 0.12, 0.11]), settings=already)
+    advice = " ".join(rep["advice"])
+    assert "fell from 0.300 (epoch 1, head only) to 0.110 after the backbone unfroze" in advice
+    assert "optim.backbone_lr_mult=0.1 (now 0.5)" in advice
+    for done in ("loss.name", "strategy=per_label", "at_least_one", "unfreeze_stages=2"):
+        assert done not in advice, done
+    # never above the prior and the loss flat: the LR, with its current value
+    rep = collapse_report(m0, zero, 0.5, vocab, y, history=_epochs([0.11, 0.11, 0.11]), settings=already)
+    assert any("optim.lr=0.00067 (now 0.002)" in a for a in rep["advice"])
+    assert not any("fell from" in a for a in rep["advice"])
+    # the loss fell but val stayed at the prior: a train/val mismatch, not the LR
+    rep = collapse_report(m0, zero, 0.5, vocab, y, history=_epochs([0.11, 0.11], losses=[0.5, 0.2]), settings=already)
+    assert any("learns the training rows only" in a for a in rep["advice"])
+    assert "likely cause" in format_collapse(rep)
 
 
 def test_tuned_thresholds_beat_half_on_a_skewed_set():

@@ -1,0 +1,67 @@
+"""The training recipe's steps, run without Ray: accumulation at the end of an
+epoch, batches whose rows all failed to decode, validation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from mlray.config import build_config
+from mlray.train import Recipe, _Dist
+
+C = 4
+
+
+def _recipe(max_error_fraction=0.01, **optim):
+    cfg = build_config({
+        "data": {"manifest": "unused", "image_size": 32, "batch_size": 4, "max_error_fraction": max_error_fraction},
+        "model": {"pretrained": "none", "channels_last": False},
+        "optim": {"epochs": 2, "freeze_epochs": 0, "warmup_epochs": 0, **optim},
+        "run": {"name": "recipe"},
+    })
+    recipe = Recipe(cfg, [f"l{i}" for i in range(C)], [3, 2, 2, 1], 16, device=torch.device("cpu"),
+                    dist=_Dist(1, torch.device("cpu")))
+    recipe.setup()
+    return recipe
+
+
+def _batch(i, n=4, errors=()):
+    g = torch.Generator().manual_seed(i)
+    return {
+        "image": torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g),
+        "target": torch.randint(0, 2, (n, C), dtype=torch.uint8, generator=g),
+        "image_id": np.array([f"b{i}_{j}" for j in range(n)], dtype=object),
+        "error": np.array(["decode: broken" if j in errors else "" for j in range(n)], dtype=object),
+    }
+
+
+def _grads(model):
+    return [p.grad for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+
+
+def test_partial_accumulation_group_is_not_carried_into_the_next_epoch():
+    recipe = _recipe(accumulate=2)
+    stats = recipe.train_epoch(0, [_batch(i) for i in range(3)])  # one whole group and one half
+    assert recipe.state.step == 1 and stats.dropped_micro == 1
+    assert _grads(recipe.model) == []  # the half group's gradient is gone
+    before = {k: v.clone() for k, v in recipe.model.state_dict().items()}
+    recipe.train_epoch(1, [_batch(9)])  # one micro-batch of a new group: no step yet
+    assert recipe.state.step == 1
+    after = recipe.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_batch_whose_rows_all_failed_keeps_the_epoch_loss_finite():
+    recipe = _recipe(max_error_fraction=0.5)
+    batches = [_batch(0), _batch(1, errors=range(4)), _batch(2, errors=(0,))]
+    stats = recipe.train_epoch(0, batches)
+    assert math.isfinite(stats.loss_sum) and stats.loss_sum > 0
+    assert stats.seen == 4 + 0 + 3 and stats.batches == 3
+    assert sorted(i for i, _ in stats.bad) == ["b1_0", "b1_1", "b1_2", "b1_3", "b2_0"]
+    val = recipe.validate([_batch(5), _batch(6, errors=range(4)), _batch(7, errors=(1, 2))])
+    assert val.scores.shape == (6, C) and val.targets.shape == (6, C) and len(val.bad) == 6
+    record, policy, tuned, collapse, bad = recipe.epoch_record(0, stats, val)
+    assert math.isfinite(record["train_loss"]) and record["decode_errors"] == 5
+    assert len(bad) == 11 and record["epoch"] == 1
