@@ -233,7 +233,7 @@ def probe_recipe(data, epochs, seed, max_epochs=200, bs=256):
             best, best_state = val_map, {k: v.clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best_state)
     with torch.no_grad():
-        policy = tune(torch.sigmoid(head(fva)).numpy(), yva, ThresholdConfig())
+        policy = tune(torch.sigmoid(head(fva)).numpy(), yva, ThresholdConfig(), prior=ytr.mean(axis=0))
         scores = torch.sigmoid(head(fte)).numpy()
     return scores, policy.predict(scores)
 

@@ -113,6 +113,9 @@ class ThresholdConfig(_Section):
     shrink: float = Field(8.0, ge=0, description="pull per-label thresholds toward the global one (pseudo-count)")
     top_k: int = Field(3, ge=1)
     at_least_one: bool = Field(True, description="always give each image its top label")
+    every_label: bool = Field(
+        True, description="cap each label's threshold so it is predicted for its training share of val images"
+    )
 
 
 class Config(_Section):

@@ -205,11 +205,13 @@ def render_html(title: str, metrics: dict, collapse: dict, table: pa.Table, plot
     if strategies:
         srows = "".join(
             f"<tr><td>{html.escape(n)}</td><td>{_fmt(m['f1_micro'])}</td><td>{_fmt(m['f1_macro'])}</td>"
-            f"<td>{_fmt(m['f1_samples'])}</td><td>{_fmt(m['images_without_prediction'])}</td></tr>"
+            f"<td>{_fmt(m['f1_samples'])}</td><td>{_fmt(m['images_without_prediction'])}</td>"
+            f"<td>{m.get('labels_never_predicted', '')}</td></tr>"
             for n, m in strategies.items()
         )
         strat = ("<h2>Threshold strategies (tuned on val, scored here)</h2><table><tr><th>strategy</th><th>F1 micro</th>"
-                 f"<th>F1 macro</th><th>F1 samples</th><th>images without a label</th></tr>{srows}</table>")
+                 "<th>F1 macro</th><th>F1 samples</th><th>images without a label</th>"
+                 f"<th>labels never predicted</th></tr>{srows}</table>")
     cols = table.column_names
     body = "".join(
         "<tr>" + "".join(f"<td>{_fmt(r[c])}</td>" for c in cols) + "</tr>"
@@ -253,7 +255,7 @@ def evaluate(run: str, manifest: str, split: str = "test", out: str | None = Non
     strategies = None
     if compare_on:
         val = scored_all[val_split]
-        strategies = compare(val.scores, val.targets, scored.scores, scored.targets, art.config.thresholds)
+        strategies = compare(val.scores, val.targets, scored.scores, scored.targets, art.config.thresholds, prior=art.prior)
         strategies["fixed 0.5"] = {k: at_half[k] for k in ("f1_micro", "f1_macro", "f1_samples")} | {
             "images_without_prediction": at_half["images_without_prediction"]}
     table = per_label_table(art.vocab, scored.scores, scored.targets, art.policy)

@@ -491,7 +491,7 @@ class Recipe:
                 f"{len(all_bad)} images could not be decoded in epoch {epoch + 1}, more than "
                 f"data.max_error_fraction={cfg.data.max_error_fraction} of {n_seen_all}:\n  {listing}"
             )
-        policy = tune(val_scores, val_targets, cfg.thresholds)
+        policy = tune(val_scores, val_targets, cfg.thresholds, prior=self.prior)
         m = multilabel_metrics(val_scores, val_targets, 0.5, prior=self.prior)
         pred = policy.predict(val_scores)
         tuned = multilabel_metrics(val_scores, val_targets, policy.thresholds, prior=self.prior, predictions=pred)

@@ -212,3 +212,21 @@ def test_losses_are_summed_over_labels_and_averaged_over_images():
     one = loss(X, Y).item()
     assert loss(X.repeat(4, 1), Y.repeat(4, 1)).item() == pytest.approx(one)
     assert loss(X.repeat(1, 3), Y.repeat(1, 3)).item() == pytest.approx(3 * one)
+
+
+def test_every_label_keeps_rare_labels_predicted():
+    rng = np.random.default_rng(3)
+    n = 400
+    y = np.zeros((n, 3), dtype=np.uint8)
+    y[:200, 0] = 1
+    y[100:300, 1] = 1
+    y[:8, 2] = 1  # rare: its scores never reach the global threshold, though they rank right
+    scores = np.clip(y * 0.6 + rng.uniform(0, 0.35, y.shape), 0, 1)
+    scores[:, 2] = 0.05 + 0.1 * y[:, 2] + rng.uniform(0, 0.04, n)
+    prior = y.mean(axis=0)
+    off = tune(scores, y, ThresholdConfig(every_label=False, at_least_one=False), prior=prior)
+    on = tune(scores, y, ThresholdConfig(at_least_one=False), prior=prior)
+    assert off.predict(scores)[:, 2].sum() == 0
+    pred = on.predict(scores)
+    assert 4 <= pred[:, 2].sum() <= 12 and pred[:8, 2].all()
+    assert on.thresholds[:2] == off.thresholds[:2]  # frequent labels keep the tuned threshold
