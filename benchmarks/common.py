@@ -25,6 +25,12 @@ def record(section: str, rows: list[dict]) -> None:
         json.dump(doc, f, indent=1)
 
 
+def previous(section: str) -> list[dict]:
+    """The rows an earlier run recorded for ``section`` (empty when none)."""
+    doc = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {}
+    return list(doc.get(section, []))
+
+
 def steady_rate(rates: list[float]) -> float:
     """Images/s of a run measured per epoch: the median after the first (warm-up)
     epoch, which is steadier on a shared 2-core machine than any single epoch."""

@@ -78,7 +78,7 @@ class LossConfig(_Section):
 class OptimConfig(_Section):
     epochs: int = Field(10, ge=1)
     lr: float = Field(2.0e-3, gt=0, description="head learning rate (peak)")
-    backbone_lr_mult: float = Field(0.5, gt=0, le=1, description="backbone LR = lr * this")
+    backbone_lr_mult: float = Field(0.25, gt=0, le=1, description="backbone LR = lr * this")
     layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise LR decay (timm groups)")
     weight_decay: float = Field(0.02, ge=0)
     schedule: Literal["cosine", "onecycle"] = "cosine"
