@@ -133,7 +133,7 @@ def _datasource_class():
             first = pq.ParquetFile(self.paths[0], filesystem=self.fs)
             self.packed = "image" in first.schema_arrow.names
             self.columns = [c for c in dict.fromkeys(columns) if c in first.schema_arrow.names]
-            self.table = None
+            self.table = self.table_ref = None
             self.units: list[tuple[int, int, np.ndarray]] = []
             self.units_per_task = 1
             if not self.packed:
@@ -175,13 +175,19 @@ def _datasource_class():
             self.calls += 1
             rng = np.random.default_rng([self.seed, self.calls])
             if self.table is not None:
+                import ray
+
+                if self.table_ref is None:  # the rows go to the object store once, not into every task
+                    self.table_ref = ray.put(self.table)
                 order = rng.permutation(self.table.num_rows)
+                per_row = self.table.nbytes / max(self.table.num_rows, 1)
                 tasks = []
                 for i in range(0, len(order), self.block_rows):
-                    block = self.table.take(pa.array(order[i : i + self.block_rows]))
-                    meta = BlockMetadata(num_rows=block.num_rows, size_bytes=block.nbytes, input_files=None,
+                    rows = order[i : i + self.block_rows]
+                    meta = BlockMetadata(num_rows=len(rows), size_bytes=int(per_row * len(rows)), input_files=None,
                                          exec_stats=None)
-                    tasks.append(ReadTask(lambda b=block: [b], meta, per_task_row_limit=per_task_row_limit))
+                    tasks.append(ReadTask(lambda ref=self.table_ref, r=rows: [ray.get(ref).take(pa.array(r))], meta,
+                                          per_task_row_limit=per_task_row_limit))
                 return tasks
             order = rng.permutation(len(self.units))
             tasks = []
