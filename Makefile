@@ -20,7 +20,7 @@ demo: $(STAMP)
 	RAY_AUTH_MODE=disabled $(VENV)/bin/mlray demo --config jobs/configs/demo.yaml --out out/demo
 
 bench: $(STAMP)
-	test -d /usr/share/openclipart/png || sudo apt-get install -y openclipart-png || apt-get install -y openclipart-png
+	test -d /usr/share/openclipart/svg || sudo apt-get install -y openclipart-png openclipart-svg || apt-get install -y openclipart-png openclipart-svg
 	RAY_AUTH_MODE=disabled $(PY) -m benchmarks.run
 
 clean:

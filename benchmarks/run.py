@@ -3,7 +3,7 @@ one table (also written to out/bench/results.md).
 
     python -m benchmarks.run [--skip-quality]
 
-The quality benchmark needs Debian's clip art (`apt-get install openclipart-png`)
+The quality benchmark needs Debian's clip art (`apt-get install openclipart-png openclipart-svg`)
 and takes about an hour on 2 CPU cores.
 """
 
