@@ -15,12 +15,13 @@ import json
 import sys
 
 from mlray.config import ConfigError
+from mlray.lease import LeaseHeld
 from mlray.manifest import ManifestError
 from mlray.sources import SourceError
 from mlray.storage import StorageError
 from mlray.tag import TagError
 
-USER_ERRORS = (ConfigError, ManifestError, SourceError, StorageError, TagError, ValueError, FileNotFoundError)
+USER_ERRORS = (ConfigError, LeaseHeld, ManifestError, SourceError, StorageError, TagError, ValueError, FileNotFoundError)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -112,7 +113,9 @@ def _tag(args: argparse.Namespace) -> int:
     opts = TagOptions(
         batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=args.num_gpus,
         actor_cpus=args.actor_cpus, threshold=args.threshold, top_k=args.top_k, incremental=args.incremental,
-        rows_per_file=args.rows_per_file,
+        rows_per_file=args.rows_per_file, decode_batch_size=args.decode_batch_size,
+        fetch_concurrency=args.fetch_concurrency, wait=args.wait, allow_model_change=args.allow_model_change,
+        retry_errors=args.retry_errors,
     )
     summary = tag(args.model, args.input, args.out, opts)
     print(summary.format())
@@ -184,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--top-k", type=int, help="the K best labels per image instead of thresholds")
     tg.add_argument("--incremental", action="store_true", help="tag only ids not yet in OUT (nightly runs)")
     tg.add_argument("--rows-per-file", type=int, default=20_000)
+    tg.add_argument("--decode-batch-size", type=int, default=128, help="rows per fetch+decode task")
+    tg.add_argument("--fetch-concurrency", type=int, default=16, help="parallel reads inside a decode task")
+    tg.add_argument("--wait", type=float, nargs="?", const=float("inf"), default=0.0, metavar="SECONDS",
+                    help="wait (up to SECONDS, default forever) for another job writing OUT, instead of refusing")
+    tg.add_argument("--allow-model-change", action="store_true",
+                    help="add rows of this model to an OUT that holds another model's or vocabulary's rows")
+    tg.add_argument("--retry-errors", action="store_true", help="tag again the rows whose error was missing:")
     tg.set_defaults(func=_tag)
 
     dm = sub.add_parser("demo", help="compose a data set from packaged images, then prepare, train, evaluate, tag")

@@ -29,6 +29,12 @@ from mlray.images import DEFAULT_MAX_PIXELS, decode_many
 from mlray.manifest import manifest_files, multi_hot
 
 
+# Error reason of a row whose image could not be fetched for a transient cause
+# (outage, throttling) even after retries: the image may be fine, so tagging
+# leaves the row out of its output for the next run to pick up.
+RETRYABLE = "retryable"
+
+
 def _string_array(values: Sequence[str | None]) -> np.ndarray:
     return np.array(["" if v is None else v for v in values], dtype=object)
 
@@ -57,7 +63,8 @@ def decode_rows(
         todo = [i for i, d in enumerate(data) if d is None and uris[i] is not None]
         for i, got in zip(todo, storage.fetch_many([uris[i] for i in todo], fetch_concurrency)):
             if isinstance(got, Exception):
-                errors_fetch[i] = f"missing: {got}"
+                reason = RETRYABLE if storage.is_transient(got) else "missing"
+                errors_fetch[i] = f"{reason}: {got}"
             else:
                 data[i] = got
     images, errors = decode_many(data, size, max_pixels=max_pixels)

@@ -87,9 +87,10 @@ class ScoreBatches:
 
     def __init__(
         self, directory: str, *, threshold: float | None = None, top_k: int | None = None,
-        with_targets: bool = False, torch_threads: int | None = None,
+        with_targets: bool = False, torch_threads: int | None = None, progress=None,
     ):
         self.torch_threads = torch_threads
+        self.progress = progress  # a mlray.progress counter actor, told the rows of each batch
         self.predictor = Predictor.load(directory)
         self.policy = self.predictor.art.policy
         n = len(self.predictor.vocab)
@@ -133,15 +134,18 @@ class ScoreBatches:
                 cols[k] = pa.array([x or None for x in v.tolist()], pa.string())
         if self.with_targets:
             cols["target"] = pa.array(list(batch["target"]), pa.list_(pa.uint8()))
+        if self.progress is not None:
+            self.progress.add.remote(n)
         return pa.table(cols)
 
 
 def score_dataset(
     ds, directory: str, *, batch_size: int = 64, concurrency: int = 1, num_gpus: float = 0.0,
     actor_cpus: float | None = None, threshold: float | None = None, top_k: int | None = None,
-    with_targets: bool = False,
+    with_targets: bool = False, progress=None,
 ):
-    """Append the actor pool that scores decoded rows (``image``, ``error``, ids)."""
+    """Append the actor pool that scores decoded rows (``image``, ``error``, ids);
+    ``progress`` (a ``mlray.progress.counter``) is told the rows of every batch."""
     from ray.data import ActorPoolStrategy
 
     from mlray.runtime import worker_runtime_env
@@ -153,6 +157,7 @@ def score_dataset(
         fn_constructor_args=(directory,),
         fn_constructor_kwargs={
             "threshold": threshold, "top_k": top_k, "with_targets": with_targets, "torch_threads": threads,
+            "progress": progress,
         },
         batch_size=batch_size,
         batch_format="numpy",

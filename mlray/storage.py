@@ -5,7 +5,12 @@ accepted everywhere. S3 settings come from the standard AWS environment
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
 ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``, ``AWS_REGION``) or, on a cluster,
 from the instance profile. pyarrow's ``S3FileSystem()`` ignores
-``AWS_ENDPOINT_URL``, so it is passed explicitly here, once.
+``AWS_ENDPOINT_URL``, so it is passed explicitly here, once. The region is the
+configured one (environment, AWS config), else the bucket's own, never a guess.
+
+Errors are classified: throttling, timeouts, resets and 5xx are retried with
+backoff and jitter a bounded number of times, then raised with ``transient``
+set; not-found and access errors are raised at once.
 
 Writes are atomic: data goes to a local temporary file first and reaches its
 final name only when complete (``os.replace`` locally, a single PUT/multipart
@@ -18,7 +23,9 @@ import contextlib
 import concurrent.futures
 import os
 import posixpath
+import random
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from functools import lru_cache
@@ -26,19 +33,72 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-S3_ENV_VARS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
+# The S3 settings that may travel to Ray workers in the clear. Keys and session
+# tokens never do: Ray logs a runtime_env in full (runtime_env_agent.log), so
+# workers get credentials the way the driver does, from their own environment
+# (the embedded Ray's workers inherit it) or the instance profile / IRSA role.
+S3_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+
+# Transient storage errors are retried RETRY_ATTEMPTS times in all, sleeping
+# RETRY_BASE_S * 2^k seconds (half of it random jitter, capped at RETRY_MAX_S)
+# in between: 0.5 + 1 + 2 + 4 + 8 s, 8-16 s in all, rides out a server restart.
+RETRY_ATTEMPTS = int(os.environ.get("MLRAY_STORAGE_RETRIES", "6"))
+RETRY_BASE_S = 0.5
+RETRY_MAX_S = 8.0
+_TRANSIENT_MARKERS = (
+    "NETWORK_CONNECTION", "SLOW_DOWN", "THROTTL", "REQUEST_TIMEOUT", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE",
+    "Could not connect", "Connection reset", "Connection refused", "timed out", "Timeout", "curlCode",
+    "HTTP status 5", "HTTP response code: 5", "Broken pipe", "temporarily",
 )
+_PERMANENT_MARKERS = ("ACCESS_DENIED", "AccessDenied", "HTTP status 403", "NoSuchBucket", "InvalidAccessKeyId")
 
 
 class StorageError(OSError):
-    """A path could not be read or written; the message names the URI."""
+    """A path could not be read or written; the message names the URI.
+
+    ``transient`` is true when the cause was the store or the network (timeouts,
+    throttling, resets, 5xx) and still there after retries: the object may be
+    fine, so the row is worth trying again later, not recording as bad."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether an error from a storage call is worth retrying."""
+    if isinstance(err, StorageError):
+        return err.transient
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(err, (TimeoutError, ConnectionError)):
+        return True
+    if not isinstance(err, OSError):
+        return False
+    text = str(err)
+    if any(m in text for m in _PERMANENT_MARKERS):
+        return False
+    return any(m in text for m in _TRANSIENT_MARKERS)
+
+
+def retrying(fn, what: str, attempts: int | None = None):
+    """``fn()`` with transient errors retried (backoff with jitter, bounded); any
+    error that remains is raised as a ``StorageError`` naming ``what``."""
+    attempts = RETRY_ATTEMPTS if attempts is None else attempts
+    for k in range(max(1, attempts)):
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except FileNotFoundError as e:
+            raise StorageError(f"{what}: no such file or object") from e
+        except OSError as e:
+            transient = is_transient(e)
+            if not transient or k == attempts - 1:
+                tries = f" (after {k + 1} attempts)" if transient and k else ""
+                raise StorageError(f"{what}: {e}{tries}", transient=transient) from e
+            delay = min(RETRY_MAX_S, RETRY_BASE_S * 2**k)
+            time.sleep(delay / 2 + random.random() * delay / 2)
 
 
 def is_remote(uri: str) -> bool:
@@ -50,20 +110,46 @@ def s3_endpoint() -> str | None:
 
 
 def s3_env() -> dict[str, str]:
-    """The S3 settings of this process, to hand to Ray workers and jobs."""
+    """The non-secret S3 settings of this process, to hand to Ray workers."""
     return {k: os.environ[k] for k in S3_ENV_VARS if os.environ.get(k)}
 
 
+def configured_region() -> str | None:
+    """The region from the environment, else from the AWS config files (profile aware)."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        return region
+    try:
+        import botocore.session  # comes with s3fs
+
+        return botocore.session.Session().get_config_variable("region")
+    except Exception:  # noqa: BLE001 - a broken AWS config file is not a region
+        return None
+
+
+@lru_cache(maxsize=256)
+def bucket_region(bucket: str, endpoint: str | None) -> str:
+    """Where a bucket lives: the configured region; with a custom endpoint
+    (MinIO, SeaweedFS, Ceph: they ignore regions) ``us-east-1`` when none is
+    configured; on AWS, asked of the bucket itself. pyarrow does not follow
+    AWS's region redirects, so a wrong guess would fail every request."""
+    region = configured_region()
+    if region:
+        return region
+    if endpoint:
+        return "us-east-1"
+    try:
+        return retrying(lambda: pafs.resolve_s3_region(bucket), f"s3://{bucket}: looking up the bucket's region")
+    except StorageError as e:
+        raise StorageError(f"{e}; set AWS_REGION to the bucket's region", transient=e.transient) from e
+
+
 @lru_cache(maxsize=8)
-def _s3(endpoint: str | None, region: str | None, key: str | None) -> pafs.S3FileSystem:
-    kwargs: dict = {"region": region or "us-east-1"}
-    if key and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        # Explicit keys travel with the filesystem when Ray pickles it to workers;
-        # without them (instance profiles) each process resolves its own.
-        kwargs.update(
-            access_key=key, secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
-            session_token=os.environ.get("AWS_SESSION_TOKEN"),
-        )
+def _s3(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+    # No keys are passed: a pickled filesystem carries its arguments to Ray
+    # workers, and each process resolves credentials itself (environment, AWS
+    # config, instance profile / IRSA), so secrets never ride in task payloads.
+    kwargs: dict = {"region": region}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -76,9 +162,9 @@ def _s3(endpoint: str | None, region: str | None, key: str | None) -> pafs.S3Fil
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """Return the pyarrow filesystem and the path inside it for ``uri``."""
     if uri.startswith("s3://") or uri.startswith("s3a://"):
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        fs = _s3(s3_endpoint(), region, os.environ.get("AWS_ACCESS_KEY_ID"))
-        return fs, uri.split("://", 1)[1].rstrip("/")
+        path = uri.split("://", 1)[1].rstrip("/")
+        endpoint = s3_endpoint()
+        return _s3(endpoint, bucket_region(path.split("/", 1)[0], endpoint)), path
     if uri.startswith("file://"):
         return pafs.LocalFileSystem(), uri[len("file://") :]
     if "://" in uri:
@@ -110,25 +196,28 @@ def absolute(uri: str, base_dir: str) -> str:
     return join(base_dir, uri)
 
 
-def exists(uri: str) -> bool:
+def file_type(uri: str) -> pafs.FileType:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return retrying(lambda: fs.get_file_info(path).type, uri)
+
+
+def exists(uri: str) -> bool:
+    return file_type(uri) != pafs.FileType.NotFound
 
 
 def is_dir(uri: str) -> bool:
-    fs, path = resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    return file_type(uri) == pafs.FileType.Directory
 
 
 def read_bytes(uri: str) -> bytes:
+    """An object's bytes; transient errors are retried, then raised with ``transient`` set."""
     fs, path = resolve(uri)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
-    except FileNotFoundError as e:
-        raise StorageError(f"{uri}: no such file or object") from e
-    except OSError as e:
-        raise StorageError(f"{uri}: {e}") from e
+
+    return retrying(read, uri)
 
 
 def _read_or_error(uri: str) -> bytes | StorageError:
@@ -174,10 +263,10 @@ def atomic_local_file(uri: str, suffix: str = "") -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        try:
-            pafs.copy_files(tmp, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-        except OSError as e:
-            raise StorageError(f"{uri}: upload failed: {e}") from e
+        retrying(
+            lambda: pafs.copy_files(tmp, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs),
+            f"{uri}: upload",
+        )
     finally:
         os.remove(tmp)
 
@@ -214,13 +303,14 @@ def list_files(
     unless ``skip_hidden`` is false.
     """
     fs, path = resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
+    kind = file_type(uri)
+    if kind == pafs.FileType.File:
         return [uri]
-    if info.type == pafs.FileType.NotFound:
+    if kind == pafs.FileType.NotFound:
         raise StorageError(f"{uri}: no such file, directory or prefix")
     out = []
-    for f in fs.get_file_info(pafs.FileSelector(path, recursive=recursive)):
+    infos = retrying(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=recursive)), f"{uri}: listing")
+    for f in infos:
         name = posixpath.basename(f.path)
         if f.type != pafs.FileType.File or (skip_hidden and name.startswith((".", "_"))):
             continue
@@ -232,8 +322,8 @@ def list_files(
 
 def delete(uri: str) -> None:
     fs, path = resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif info.type == pafs.FileType.File:
-        fs.delete_file(path)
+    kind = file_type(uri)
+    if kind == pafs.FileType.Directory:
+        retrying(lambda: fs.delete_dir(path), f"{uri}: delete")
+    elif kind == pafs.FileType.File:
+        retrying(lambda: fs.delete_file(path), f"{uri}: delete")

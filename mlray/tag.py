@@ -22,20 +22,29 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 import posixpath
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mlray import storage
+from mlray import storage, tag_plan
+from mlray.data import RETRYABLE
+from mlray.lease import Lease
 from mlray.manifest import manifest_files
+
+if TYPE_CHECKING:
+    from mlray.rundir import RunArtifacts
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SUMMARY_FILE = "_summary.json"
+MAX_LISTED_IDS = 1000  # retryable ids listed by name in _summary.json (all are counted)
 
 
 class TagError(RuntimeError):
@@ -54,6 +63,10 @@ class TagOptions:
     rows_per_file: int = 20_000
     decode_batch_size: int = 128  # rows per decode task: 64 -> 128 took tagging from 284 to 335 images/s here
     fetch_concurrency: int = 16
+    wait: float = 0.0  # seconds to wait for another job's lease on OUT (0: refuse at once)
+    allow_model_change: bool = False  # add rows of another model / vocabulary to OUT on purpose
+    retry_errors: bool = False  # tag again the rows whose error was missing: (the object was absent)
+    lease_ttl: float = 120.0  # seconds a lease lives without renewal (renewed every third of it)
 
 
 @dataclass
@@ -72,14 +85,28 @@ class TagSummary:
     model: str
     out: str
     files_written: list[str] = field(default_factory=list)
+    retryable: int = 0  # rows left out after transient fetch errors; the next run tags them
+    retryable_ids: list[str] = field(default_factory=list)  # the first MAX_LISTED_IDS of them
+    duplicates_repaired: int = 0  # extra rows of ids OUT held more than once, dropped before tagging
+    errors_retried: int = 0  # missing: error rows tagged again (--retry-errors)
 
     def format(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.errors_by_reason.items())) or "none"
+        extra = ""
+        if self.retryable:
+            extra += f"\nleft out for the next run (transient fetch errors): {self.retryable}"
+        if self.duplicates_repaired:
+            extra += f"\nrepaired: {self.duplicates_repaired} duplicate rows dropped from OUT"
+        if self.errors_retried:
+            extra += f"\nretried: {self.errors_retried} rows that were missing: errors"
+        if not self.rows_written and not self.retryable:
+            extra += "\nnothing to do: OUT already holds every input id"
         return (
             f"rows in: {self.rows_in}   already in OUT (skipped): {self.rows_skipped}   written now: {self.rows_written}\n"
             f"scored: {self.rows_scored}   errors: {self.rows_with_errors} ({reasons})\n"
             f"OUT holds {self.rows_in_out} rows; duplicates {self.duplicates}; input ids missing from OUT {self.missing}\n"
             f"{self.images_per_s:.1f} images/s over {self.seconds:.1f} s   model {self.model}   out {self.out}"
+            + extra
         )
 
 
@@ -94,15 +121,19 @@ def _is_manifest(uri: str) -> bool:
         return False
 
 
+def _listing_base(uri: str) -> str:
+    """The prefix of a glob before its first wildcard's path segment (``uri`` itself without one)."""
+    if not any(c in uri for c in "*?["):
+        return uri
+    first = min(uri.index(c) for c in "*?[" if c in uri)
+    return uri[:first].rsplit("/", 1)[0]
+
+
 def list_images(uri: str) -> pa.Table:
     """``image_id, uri`` for the image files under a prefix, or matching a glob;
     ids are paths relative to the prefix (the part before any wildcard)."""
-    pattern = None
-    base = uri
-    if any(c in uri for c in "*?["):
-        first = min(uri.index(c) for c in "*?[" if c in uri)
-        base = uri[:first].rsplit("/", 1)[0]
-        pattern = uri
+    base = _listing_base(uri)
+    pattern = uri if base != uri else None
     files = [f for f in storage.list_files(base) if f.lower().endswith(IMAGE_SUFFIXES)]
     if pattern:
         files = [f for f in files if fnmatch.fnmatchcase(f, pattern)]
@@ -113,55 +144,32 @@ def list_images(uri: str) -> pa.Table:
     return pa.table({"image_id": pa.array(ids, pa.string()), "uri": pa.array(files, pa.string())})
 
 
-def _input(uri: str, rows_per_block: int):
-    """The input as a Ray Dataset plus its ids (ids only, for counting in and out).
-
-    A listing is cut into blocks of ``rows_per_block`` here, on the driver that
-    holds it anyway: one big block re-cut by a Ray task first held a CPU that
-    the decode tasks wait for (measured: 10 s before the first decode of 6,000 files).
-    """
-    import ray.data
-
-    from mlray.data import read_manifest_dataset
-
-    if _is_manifest(uri):
-        ids = []
-        for f in manifest_files(uri):
-            fs, path = storage.resolve(f)
-            ids.append(pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id"))
-        ids = pa.chunked_array([c for chunked in ids for c in chunked.chunks], pa.string())
-        return read_manifest_dataset(uri, None, ["image_id", "uri", "image"]), ids
-    listing = list_images(uri)
-    blocks = [listing.slice(i, rows_per_block) for i in range(0, max(listing.num_rows, 1), rows_per_block)]
-    return ray.data.from_arrow(blocks), listing.column("image_id")
+def write_part(out: str, table: pa.Table) -> str:
+    """Write rows to ``OUT/part-<digest of their ids>.parquet``, atomically; a
+    retried write of the same rows replaces its own file instead of adding one."""
+    ids = table.column("image_id").to_pylist()
+    digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:24]
+    uri = storage.join(out, f"part-{digest}.parquet")
+    with storage.atomic_local_file(uri, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return uri
 
 
-def existing_ids(out: str) -> tuple[pa.ChunkedArray, set[str]]:
-    """Ids already in OUT (complete files only: partial ones are never visible)."""
-    if not storage.exists(out):
-        return pa.chunked_array([], pa.string()), set()
-    chunks, models = [], set()
-    for f in storage.list_files(out, (".parquet",)):
-        fs, path = storage.resolve(f)
-        t = pq.read_table(path, filesystem=fs, columns=["image_id", "model"])
-        chunks += t.column("image_id").chunks
-        models.update(pc.unique(t.column("model")).to_pylist())
-    return pa.chunked_array(chunks, pa.string()), models
-
-
-def _drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
-    return batch.filter(pc.invert(pc.is_in(batch.column("image_id"), value_set=done)))
+def _retryable(errors: pa.ChunkedArray) -> pa.ChunkedArray:
+    return pc.fill_null(pc.starts_with(errors, RETRYABLE + ":"), False)
 
 
 class _AtomicParquetSink:
-    """Writes each task's rows to one Parquet part, atomically, named by its ids."""
+    """Writes each task's rows to one Parquet part (``write_part``). Rows whose
+    fetch failed for a transient cause are not written: their ids come back
+    for the summary, and the next run tags them."""
 
     def __new__(cls, out: str, schema: pa.Schema, rows_per_file: int):
         from ray.data import Datasink
 
         class AtomicParquetSink(Datasink):
             def __init__(self):
-                self.result: dict = {"rows": 0, "errors": Counter(), "files": []}
+                self.result: dict = {"rows": 0, "errors": Counter(), "files": [], "retryable": 0, "retryable_ids": []}
 
             @property
             def min_rows_per_write(self) -> int:
@@ -171,86 +179,226 @@ class _AtomicParquetSink:
                 tables = [pa.table(b) if not isinstance(b, pa.Table) else b for b in blocks]
                 tables = [t for t in tables if t.num_rows]
                 if not tables:
-                    return {"rows": 0, "errors": {}, "file": None}
+                    return {"rows": 0, "errors": {}, "file": None, "retryable_ids": []}
                 table = pa.concat_tables(tables).select(schema.names).cast(schema)
-                ids = table.column("image_id").to_pylist()
-                digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:24]
-                uri = storage.join(out, f"part-{digest}.parquet")
-                with storage.atomic_local_file(uri, suffix=".parquet") as tmp:
-                    pq.write_table(table, tmp, compression="zstd")
+                later = _retryable(table.column("error"))
+                retry_ids = table.filter(later).column("image_id").to_pylist()
+                table = table.filter(pc.invert(later))
+                uri = write_part(out, table) if table.num_rows else None
                 errors = Counter(e.split(":", 1)[0] for e in table.column("error").drop_null().to_pylist())
-                return {"rows": table.num_rows, "errors": dict(errors), "file": uri}
+                return {"rows": table.num_rows, "errors": dict(errors), "file": uri, "retryable_ids": retry_ids}
 
             def on_write_complete(self, write_result) -> None:
                 for r in write_result.write_returns:
                     self.result["rows"] += r["rows"]
                     self.result["errors"].update(r["errors"])
+                    self.result["retryable"] += len(r["retryable_ids"])
+                    room = MAX_LISTED_IDS - len(self.result["retryable_ids"])
+                    self.result["retryable_ids"] += r["retryable_ids"][:max(room, 0)]
                     if r["file"]:
                         self.result["files"].append(r["file"])
 
         return AtomicParquetSink()
 
 
-def tag(model: str, input_uri: str, out: str, opts: TagOptions | None = None) -> TagSummary:
-    """Tag every image of ``input_uri`` into ``out``; see the module docstring."""
-    from mlray.data import decode_dataset
-    from mlray.inference import score_dataset, score_schema
+# --- checks before any work: each failure is one line naming the flag or path ---
+
+_RANGES = {  # option: (flag, lowest allowed, integer?)
+    "batch_size": ("--batch-size", 1, True), "concurrency": ("--concurrency", 1, True),
+    "num_gpus": ("--num-gpus", 0, False), "rows_per_file": ("--rows-per-file", 1, True),
+    "decode_batch_size": ("--decode-batch-size", 1, True), "fetch_concurrency": ("--fetch-concurrency", 1, True),
+    "top_k": ("--top-k", 1, True), "wait": ("--wait", 0, False), "lease_ttl": ("--lease-ttl", 10, False),
+}
+
+
+def check_options(opts: TagOptions) -> None:
+    for name, (flag, low, integer) in _RANGES.items():
+        v = getattr(opts, name)
+        if v is None:
+            continue
+        if (integer and int(v) != v) or v < low:
+            raise TagError(f"{flag} {v}: must be {'an integer ' if integer else ''}>= {low}")
+    if opts.actor_cpus is not None and opts.actor_cpus <= 0:
+        raise TagError(f"--actor-cpus {opts.actor_cpus}: must be > 0")
+    if opts.threshold is not None and not 0.0 < opts.threshold < 1.0:
+        raise TagError(f"--threshold {opts.threshold}: must be between 0 and 1 (a probability)")
+    if opts.threshold is not None and opts.top_k is not None:
+        raise TagError("--threshold and --top-k choose labels two different ways; pass one of them")
+
+
+def check_out(out: str) -> None:
+    """OUT is a directory (or prefix) or does not exist yet, and nothing above it is a file."""
+    if storage.exists(out) and not storage.is_dir(out):
+        raise TagError(f"--out {out} is a file; OUT is a directory (or prefix) of Parquet parts")
+    if not storage.is_remote(out):
+        up = storage.resolve(out)[1]
+        while True:
+            parent = os.path.dirname(up)
+            if parent == up:
+                break
+            if os.path.exists(parent) and not os.path.isdir(parent):
+                raise TagError(f"--out {out}: {parent} is a file, so OUT cannot be created under it")
+            up = parent
+
+
+def check_model(model: str) -> RunArtifacts:
+    """The run directory's files are there and its weights load."""
+    from mlray.inference import Predictor
     from mlray.rundir import load_artifacts
+
+    try:
+        art = load_artifacts(model)
+        Predictor(art, device="cpu")
+    except FileNotFoundError as e:
+        raise TagError(f"--model {e}") from e
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise TagError(f"--model {model}: the model does not load ({e})") from e
+    return art
+
+
+def _vocab_text(vocab: list[str]) -> str:
+    head = ", ".join(vocab[:4]) + (", ..." if len(vocab) > 4 else "")
+    return f"{len(vocab)} labels: {head}"
+
+
+def check_same_model(state: tag_plan.OutFiles, art: RunArtifacts, model: str, out: str, allow: bool) -> None:
+    """OUT's rows were made by this model with this vocabulary, unless the user allows otherwise."""
+    others = sorted(state.models - {art.model_id})
+    vocabs = [json.loads(v) for v in state.vocabs]
+    other_vocabs = [v for v in vocabs if v != list(art.vocab)]
+    if allow or not (others or other_vocabs):
+        return
+    theirs = f"model {', '.join(others) or art.model_id}" + (
+        f" with a vocabulary of {_vocab_text(other_vocabs[0])}" if other_vocabs else ""
+    )
+    raise TagError(
+        f"--out {out} holds rows of {theirs}; --model {model} is {art.model_id} ({_vocab_text(list(art.vocab))}). "
+        "Score positions would mean other labels. Tag into another --out, or pass --allow-model-change "
+        "to add this model's rows on purpose"
+    )
+
+
+def _read_summary(out: str) -> dict | None:
+    uri = storage.join(out, SUMMARY_FILE)
+    if not storage.exists(uri):
+        return None
+    try:
+        return json.loads(storage.read_text(uri))
+    except ValueError:
+        return None
+
+
+def tag(model: str, input_uri: str, out: str, opts: TagOptions | None = None) -> TagSummary:
+    """Tag every image of ``input_uri`` into ``out``; see the module docstring.
+
+    Everything that can be checked is checked before Ray starts: the options,
+    the model, the input, and OUT (writable: the lease is written there)."""
+    opts = opts or TagOptions()
+    check_options(opts)
+    check_out(out)
+    art = check_model(model)
+    if not storage.exists(_listing_base(input_uri)):
+        raise TagError(f"--input {input_uri}: no such file, directory or prefix")
+    with Lease(out, ttl=opts.lease_ttl, wait=opts.wait) as lease:
+        return _tag_locked(art, model, input_uri, out, opts, lease)
+
+
+def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: TagOptions, lease: Lease) -> TagSummary:
+    import ray.data
+
+    from mlray.data import decode_dataset, read_manifest_dataset, with_absolute_uris
+    from mlray.inference import score_dataset, score_schema
+    from mlray.progress import Watcher, counter
     from mlray.runtime import init_ray
 
-    opts = opts or TagOptions()
-    art = load_artifacts(model)
-    done, models = existing_ids(out)
-    if len(done) and not opts.incremental:
-        summary = storage.join(out, SUMMARY_FILE)
-        if storage.exists(summary) and json.loads(storage.read_text(summary)).get("complete"):
-            raise TagError(
-                f"{out} already holds a finished tagging run; pass --incremental to tag only new images, "
-                "or choose another --out"
-            )
-        if models - {art.model_id}:
-            raise TagError(
-                f"{out} holds rows of another model {sorted(models - {art.model_id})}; resuming would mix models. "
-                "Use --incremental to add rows on purpose, or another --out"
-            )
-    init_ray()
     t0 = time.time()
-    ds, ids = _input(input_uri, opts.decode_batch_size)
-    if len(ids) == 0:
+    state = tag_plan.out_files(out)
+    check_same_model(state, art, model, out, opts.allow_model_change)
+    previous = _read_summary(out)
+    if (state.total and previous and previous.get("complete") and previous.get("input") != input_uri
+            and not opts.incremental):
+        raise TagError(
+            f"--out {out} holds a finished tagging run of --input {previous.get('input')}; pass --incremental "
+            "to add the new images of this input, or choose another --out"
+        )
+    manifest = _is_manifest(input_uri)
+    listing = manifest_parts = None
+    if manifest:
+        manifest_parts = manifest_files(input_uri)
+        names = set(_schema_names(manifest_parts[0]))
+        packed = "image" in names
+        columns = ["image_id"] if packed or "uri" not in names else ["image_id", "uri"]
+    else:
+        listing = list_images(input_uri)
+        packed, columns = False, ["image_id", "uri"]
+    init_ray()
+    work = tag_plan.plan(state, listing=listing, manifest_parts=manifest_parts, input_columns=columns,
+                         retry_errors=opts.retry_errors)
+    if work.rows_in == 0:
         raise TagError(f"--input {input_uri}: no rows")
-    n_distinct = pc.count_distinct(ids).as_py()
-    if n_distinct != len(ids):
-        raise TagError(f"--input {input_uri}: {len(ids) - n_distinct} duplicate image ids; ids must be unique")
-    done_arr = pc.unique(done.combine_chunks()) if len(done) else pa.array([], pa.string())
-    skipped = int(pc.sum(pc.is_in(ids, value_set=done_arr)).as_py() or 0) if len(done_arr) else 0
+    if work.input_duplicates:
+        raise TagError(f"--input {input_uri}: {work.input_duplicates} duplicate image ids; ids must be unique")
+    drop = tag_plan.choose_duplicates(state, work.dup_records)
+    n_dups = sum(len(v) for v in drop.values())
+    for image_id, k in work.retry_records:  # missing: rows about to be tagged again
+        drop.setdefault(k, set()).add(image_id)
+    dropped = tag_plan.drop_rows(state, drop) if drop else 0
+    if n_dups or work.dup_records:
+        print(f"repaired OUT: {len(set(r[0] for r in work.dup_records))} ids were held more than once; "
+              f"kept one row each (a scored row first, then the first part by name)", file=sys.stderr)
+    lease.check()
     sink = _AtomicParquetSink(out, score_schema(art.vocab), opts.rows_per_file)
-    if skipped < len(ids):
-        if len(done_arr):
-            ds = ds.map_batches(_drop_done, batch_format="pyarrow", fn_kwargs={"done": done_arr})
+    if work.new:
+        if not state.total and listing is not None:
+            ds = ray.data.from_arrow([listing.slice(i, opts.decode_batch_size)
+                                      for i in range(0, listing.num_rows, opts.decode_batch_size)])
+        elif packed:
+            ds = read_manifest_dataset(input_uri, None, ["image_id", "uri", "image"])
+            if state.total:
+                ds = ds.map_batches(tag_plan.keep_new, batch_format="pyarrow", fn_kwargs={"new_refs": work.new_refs})
+        else:
+            ds = ray.data.from_arrow_refs(work.new_refs)
+            if manifest:
+                ds = with_absolute_uris(ds, input_uri)
         ds = decode_dataset(
             ds, size=art.config.data.image_size, vocab=None, decode_batch_size=opts.decode_batch_size,
-            fetch_concurrency=opts.fetch_concurrency, keep=("image_id", "uri"), reblock=_is_manifest(input_uri),
+            fetch_concurrency=opts.fetch_concurrency, keep=("image_id", "uri"),
+            reblock=manifest or bool(state.total),
         )
+        progress = counter()
         ds = score_dataset(
             ds, model, batch_size=opts.batch_size, concurrency=opts.concurrency, num_gpus=opts.num_gpus,
-            actor_cpus=opts.actor_cpus, threshold=opts.threshold, top_k=opts.top_k,
+            actor_cpus=opts.actor_cpus, threshold=opts.threshold, top_k=opts.top_k, progress=progress,
         )
-        ds.write_datasink(sink)
+        with Watcher(progress, work.new, "tag"):
+            ds.write_datasink(sink)
+    lease.check()
     seconds = time.time() - t0
-    after, _ = existing_ids(out)
-    after_arr = after.combine_chunks() if len(after) else pa.array([], pa.string())
-    distinct_after = pc.count_distinct(after_arr).as_py() if len(after_arr) else 0
-    missing = int(pc.sum(pc.invert(pc.is_in(ids, value_set=pc.unique(after_arr)))).as_py() or 0) if len(after_arr) else len(ids)
-    written = sink.result["rows"]
-    errors = sum(sink.result["errors"].values())
+    res = sink.result
+    written, retryable = res["rows"], res["retryable"]
+    errors = sum(res["errors"].values())
     summary = TagSummary(
-        rows_in=len(ids), rows_skipped=skipped, rows_written=written, rows_scored=written - errors,
-        rows_with_errors=errors, errors_by_reason=dict(sink.result["errors"]), rows_in_out=len(after_arr),
-        duplicates=len(after_arr) - distinct_after, missing=missing, seconds=seconds,
-        images_per_s=written / max(seconds, 1e-9), model=art.model_id, out=out, files_written=sink.result["files"],
+        rows_in=work.rows_in, rows_skipped=work.skipped, rows_written=written, rows_scored=written - errors,
+        rows_with_errors=errors, errors_by_reason=dict(res["errors"]), rows_in_out=state.total - dropped + written,
+        duplicates=0, missing=work.rows_in - work.skipped - written - retryable, seconds=seconds,
+        images_per_s=written / max(seconds, 1e-9), model=art.model_id, out=out, files_written=res["files"],
+        retryable=retryable, retryable_ids=res["retryable_ids"], duplicates_repaired=n_dups,
+        errors_retried=len(work.retry_records),
     )
-    doc = {**summary.__dict__, "complete": summary.missing == 0 and summary.duplicates == 0, "input": input_uri}
+    complete = summary.missing == 0 and retryable == 0
+    doc = {**summary.__dict__, "complete": complete, "input": input_uri}
     storage.write_text(storage.join(out, SUMMARY_FILE), json.dumps(doc, indent=1))
-    if summary.missing or summary.duplicates:
+    if retryable:
+        raise TagError(
+            f"{retryable} rows could not be fetched (storage unreachable or throttling, after retries) and were "
+            f"left out of OUT; they are listed in {storage.join(out, SUMMARY_FILE)} as retryable. "
+            f"Run the same command again to tag them.\n{summary.format()}"
+        )
+    if summary.missing:
         raise TagError(f"tagging finished inconsistent:\n{summary.format()}")
     return summary
+
+
+def _schema_names(uri: str) -> list[str]:
+    fs, path = storage.resolve(uri)
+    return pq.read_schema(path, filesystem=fs).names

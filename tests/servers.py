@@ -59,8 +59,10 @@ class S3Server:
     access_key = "mlray-test"
     secret_key = "mlray-test-secret"
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, secret_key: str | None = None):
         self.workdir = workdir
+        if secret_key:
+            self.secret_key = secret_key
         os.makedirs(workdir, exist_ok=True)
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -76,12 +78,21 @@ class S3Server:
             "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
             *[f"-{k}={v}" for k, v in ports.items()],
         ]
+        self.cmd = cmd
+        self.start()
+
+    def start(self) -> None:
+        """Start the server (again, after ``kill``: same ports, same data)."""
         env = dict(os.environ, AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
         self.proc = subprocess.Popen(
-            cmd, cwd=workdir, env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+            self.cmd, cwd=self.workdir, env=env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         wait_http(self.endpoint + "/", 60, self.proc, self.log, ok=(200, 403))
+
+    def kill(self) -> None:
+        """An outage: the whole server gone at once, as when its machine drops off."""
+        stop_group(self.proc, signal.SIGKILL, timeout=5)
 
     @property
     def env(self) -> dict[str, str]:

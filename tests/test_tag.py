@@ -125,13 +125,14 @@ def test_killed_job_reruns_to_exactly_once_and_incremental_adds_only_new(trained
     proc.wait()
     partial = len(_read_out(s3_server, out))
     assert 0 < partial < n_in
-    with pytest.raises(TagError, match="--incremental"):
-        # a finished OUT is refused without --incremental; a killed one is resumed
-        rerun = _tag_cli(run, inp, out)
-        assert rerun.wait(timeout=300) == 0, rerun.stdout.read()
-        t = _read_out(s3_server, out)
-        assert t.num_rows == n_in and len(set(t.column("image_id").to_pylist())) == n_in
-        tag(run, inp, out)
+    # the same command resumes the killed job (its lease is taken over: its process is gone)
+    rerun = _tag_cli(run, inp, out)
+    assert rerun.wait(timeout=300) == 0, rerun.stdout.read()
+    t = _read_out(s3_server, out)
+    assert t.num_rows == n_in and len(set(t.column("image_id").to_pylist())) == n_in
+    # and run once more (a scheduler retrying a job that had succeeded) it has nothing to do
+    again = tag(run, inp, out)
+    assert again.rows_written == 0 and again.rows_skipped == n_in and "nothing to do" in again.format()
     # nightly: new images arrive, only they are tagged
     for n in names[:30]:
         storage.write_bytes(f"{inp}/c/{n}", open(os.path.join(root, "images", n), "rb").read())
@@ -139,3 +140,186 @@ def test_killed_job_reruns_to_exactly_once_and_incremental_adds_only_new(trained
     assert summary.rows_skipped == n_in and summary.rows_written == 30
     t = _read_out(s3_server, out)
     assert t.num_rows == n_in + 30 and len(set(t.column("image_id").to_pylist())) == n_in + 30
+
+
+def _wait_for_parts(fs, path, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("the job finished before the outage:\n" + proc.stdout.read())
+        try:
+            if any(f.path.endswith(".parquet") for f in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))):
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    pytest.fail("no part appeared")
+
+
+def test_concurrent_jobs_have_one_writer_and_a_rerun_has_nothing_to_do(trained_run, corpus, s3_server, local_ray):
+    run, _, _ = trained_run
+    prefix, names = corpus
+    inp = prefix + "/"
+    out = prefix.replace("/all", "/together")
+    procs = [_tag_cli(run, inp, out, "--rows-per-file", "50") for _ in range(2)]
+    results = [(p.wait(timeout=400), p.stdout.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 2], results
+    refused = next(text for rc, text in results if rc == 2)
+    assert "being written by another tagging job" in refused and "--wait" in refused
+    assert "Traceback" not in refused
+    t = _read_out(s3_server, out)
+    n_in = len(names) + len(good_variants()) + len(bad_variants())
+    assert t.num_rows == n_in and len(set(t.column("image_id").to_pylist())) == n_in
+    assert not storage.exists(f"{out}/_lease.json")  # released at the end
+    third = tag(run, inp, out)
+    assert third.rows_written == 0 and third.rows_in_out == n_in
+
+
+def test_outage_mid_run_leaves_no_missing_rows_and_no_secret_in_logs(trained_run, tmp_path):
+    """The S3 server is killed for ~10 s while a job fetches images, then comes
+    back. The job completes, or fails with rows marked retryable; either way no
+    row says missing, and the same command then completes. The secret key is in
+    no Ray log, no output file and no summary."""
+    import json
+    import tempfile
+    import uuid
+
+    from servers import S3Server
+
+    run, _, root = trained_run
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    server = S3Server(str(tmp_path / "s3"), secret_key=secret)
+    try:
+        fs = pafs.S3FileSystem(access_key=server.access_key, secret_key=secret, region="us-east-1",
+                               endpoint_override=f"127.0.0.1:{server.port}", scheme="http", allow_bucket_creation=True)
+        fs.create_dir("outage")
+        names = sorted(os.listdir(os.path.join(root, "images")))[:240]
+        for copy in ("a", "b"):
+            for n in names:
+                with fs.open_output_stream(f"outage/in/{copy}/{n}") as f:
+                    f.write(open(os.path.join(root, "images", n), "rb").read())
+        ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live here
+        env = dict(os.environ, **server.env, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", RAY_TMPDIR=ray_tmp)
+        cmd = [sys.executable, "-m", "mlray", "tag", "--model", run, "--input", "s3://outage/in/",
+               "--out", "s3://outage/tags", "--rows-per-file", "10", "--batch-size", "8"]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        _wait_for_parts(fs, "outage/tags", proc)
+        server.kill()
+        time.sleep(10)
+        server.start()
+        rc = proc.wait(timeout=400)
+        first = proc.stdout.read()
+        t = pq.read_table("outage/tags", filesystem=fs)
+        errors = [e for e in t.column("error").to_pylist() if e]
+        assert not errors, errors[:3]  # no image was bad, so no transient failure may be written as one
+        if rc != 0:
+            assert "Traceback" not in first and ("retryable" in first or "run the same command again" in first.lower()), first
+        else:
+            assert t.num_rows == 2 * len(names), first
+        rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        t = pq.read_table("outage/tags", filesystem=fs)
+        assert t.num_rows == 2 * len(names) == len(set(t.column("image_id").to_pylist()))
+        assert t.column("error").null_count == t.num_rows
+        summary = json.loads(fs.open_input_stream("outage/tags/_summary.json").read())
+        assert summary["complete"] and summary["retryable"] == 0
+        # the secret: nowhere in Ray's session logs, the output or the run directory
+        places = [ray_tmp, run]
+        for place in places:
+            for dirpath, _, files in os.walk(place):
+                for name in files:
+                    path = os.path.join(dirpath, name)
+                    if os.path.islink(path) or not os.path.isfile(path):
+                        continue
+                    with open(path, "rb") as f:
+                        assert secret.encode() not in f.read(), path
+        for info in fs.get_file_info(pafs.FileSelector("outage/tags", recursive=True)):
+            if info.type == pafs.FileType.File:
+                assert secret.encode() not in fs.open_input_stream(info.path).read(), info.path
+        assert secret not in first + rerun.stdout + rerun.stderr
+    finally:
+        server.stop()
+
+
+def test_other_vocabulary_refused_duplicates_repaired_missing_retried(trained_run, local_ray, tmp_path):
+    import json
+    import shutil
+
+    run, _, root = trained_run
+    images = os.path.join(root, "images")
+    inp = os.path.join(images, "mosaic_000*.jpg")  # 100 of them
+    out = str(tmp_path / "tags")
+    first = tag(run, inp, out, TagOptions(rows_per_file=10, decode_batch_size=16))
+    n = first.rows_in
+    assert n > 20
+    # a model with another vocabulary is refused, naming both; allowed when asked
+    other = str(tmp_path / "other-run")
+    shutil.copytree(run, other)
+    labels = json.load(open(os.path.join(other, "labels.json")))
+    labels["labels"] = [f"renamed-{x}" for x in labels["labels"]]
+    json.dump(labels, open(os.path.join(other, "labels.json"), "w"))
+    with pytest.raises(TagError, match="renamed-") as refused:
+        tag(other, inp, out, TagOptions(incremental=True))
+    assert "--allow-model-change" in str(refused.value) and labels["labels"][0].removeprefix("renamed-") in str(refused.value)
+    assert tag(other, inp, out, TagOptions(incremental=True, allow_model_change=True)).rows_written == 0
+    # OUT seeded with duplicates (a copied part, an error row beside a scored one) is repaired
+    parts = sorted(f for f in os.listdir(out) if f.endswith(".parquet"))
+    shutil.copy(os.path.join(out, parts[0]), os.path.join(out, "part-0-copy.parquet"))
+    one = pq.read_table(os.path.join(out, parts[1])).slice(0, 1)
+    err = one.set_column(one.schema.get_field_index("error"), one.schema.field("error"),
+                         pa.array(["decode: pretend"], pa.string()))
+    pq.write_table(err.set_column(2, one.schema.field("scores"), pa.nulls(1, one.schema.field("scores").type)),
+                   os.path.join(out, "part-0-error.parquet"))
+    repaired = tag(run, inp, out)
+    t = pq.read_table(out)
+    assert t.num_rows == n == len(set(t.column("image_id").to_pylist()))
+    assert t.column("error").null_count == n  # the scored row won over the error row
+    assert repaired.duplicates_repaired > 1
+    # a row recorded as missing is re-tagged only with --retry-errors
+    victim = t.slice(0, 1)
+    rest = t.slice(1)
+    for f in os.listdir(out):
+        if f.endswith(".parquet"):
+            os.remove(os.path.join(out, f))
+    pq.write_table(rest, os.path.join(out, "part-rest.parquet"))
+    missing = victim.set_column(victim.schema.get_field_index("error"), victim.schema.field("error"),
+                                pa.array(["missing: was not there yet"], pa.string()))
+    pq.write_table(missing.set_column(2, victim.schema.field("scores"), pa.nulls(1, victim.schema.field("scores").type)),
+                   os.path.join(out, "part-missing.parquet"))
+    assert tag(run, inp, out).rows_written == 0
+    retried = tag(run, inp, out, TagOptions(retry_errors=True))
+    assert retried.rows_written == 1 and retried.errors_retried == 1
+    t = pq.read_table(out)
+    assert t.num_rows == n == len(set(t.column("image_id").to_pylist())) and t.column("error").null_count == n
+
+
+def test_bad_options_and_paths_fail_first_with_one_line(trained_run, tmp_path, capsys):
+    from mlray.cli import main
+
+    run, _, root = trained_run
+    images = os.path.join(root, "images")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (["--batch-size", "0"], "--batch-size 0"),
+        (["--threshold", "1.5"], "--threshold"),
+        (["--out", str(afile / "tags")], f"{afile} is a file"),
+        (["--out", str(afile)], "is a file; OUT is a directory"),
+        (["--model", str(tmp_path)], "--model"),
+        (["--input", str(tmp_path / "nothing")], "--input"),
+    ]
+    for extra, expected in cases:
+        args = {"--model": run, "--input": images, "--out": str(tmp_path / "out")}
+        flags = []
+        for k, v in zip(extra[::2], extra[1::2]):
+            if k in args:
+                args[k] = v
+            else:
+                flags += [k, v]
+        argv = ["tag", *[x for kv in args.items() for x in kv], *flags]
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1, (argv, err)
+        assert not os.path.exists(tmp_path / "out" / "_summary.json")

@@ -1,0 +1,269 @@
+"""One writer at a time on a tagging OUT: a lease object beside the parts.
+
+``OUT/_lease.json`` holds the owner (a random token), host, pid, command and an
+expiry. It is created with a conditional write (S3 ``If-None-Match: *``, a local
+``O_EXCL`` create), so of two jobs started together exactly one gets it; the
+other refuses at once, or waits with ``--wait``. The holder renews it from a
+background thread (S3 ``If-Match`` on its own ETag, so a renewal never
+overwrites a lease that another job took over). A lease whose holder was killed
+stops being renewed and is taken over once it expires (at once when the holder
+ran on this host and its process is gone), with the same
+conditional write on the expired version: of two jobs racing for it, one wins.
+
+S3-compatible stores without conditional writes answer them like plain ones;
+there the lease still serialises jobs that do not start within the same
+second, and the next run's duplicate repair mops up after those that did.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from mlray import storage
+
+LEASE_FILE = "_lease.json"
+
+
+class LeaseHeld(RuntimeError):
+    """Another job holds the lease; the message names it."""
+
+
+@dataclass
+class LeaseInfo:
+    owner: str
+    host: str
+    pid: int
+    command: str
+    acquired: float
+    expires: float
+
+    def dead(self) -> bool:
+        """The holder ran on this host and its process is gone (killed): no need
+        to wait for the expiry. Holders on other hosts are judged by expiry alone."""
+        if self.host != socket.gethostname() or self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def describe(self) -> str:
+        left = self.expires - time.time()
+        when = f"expires in {left:.0f} s" if left > 0 else f"expired {-left:.0f} s ago"
+        return f"pid {self.pid} on {self.host}, since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.acquired))}, {when}"
+
+
+class _LocalBackend:
+    """A local directory: O_EXCL create, and read-check-replace under flock."""
+
+    def __init__(self, uri: str):
+        self.path = storage.resolve(uri)[1]
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.lock_path = self.path + ".lock"
+
+    def read(self) -> tuple[dict | None, str | None]:
+        try:
+            with open(self.path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            return None, None
+        return (json.loads(text) if text else None), text
+
+    def create(self, doc: dict) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(doc))
+        return True
+
+    def replace(self, doc: dict, version: str | None) -> bool:
+        with open(self.lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _, current = self.read()
+            if current != version:
+                return False
+            tmp = f"{self.path}.{uuid.uuid4().hex}"
+            with open(tmp, "w") as f:
+                f.write(json.dumps(doc))
+            os.replace(tmp, self.path)
+            return True
+
+    def delete(self, version: str | None) -> None:
+        with open(self.lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _, current = self.read()
+            if current == version:
+                os.remove(self.path)
+
+
+class _S3Backend:
+    """S3: conditional PUTs (If-None-Match / If-Match) through s3fs."""
+
+    def __init__(self, uri: str):
+        import s3fs
+
+        self.bucket, _, self.key = uri.split("://", 1)[1].partition("/")
+        endpoint = storage.s3_endpoint()
+        self.fs = s3fs.S3FileSystem(
+            endpoint_url=endpoint,
+            client_kwargs={"region_name": storage.bucket_region(self.bucket, endpoint)},
+        )
+
+    def read(self) -> tuple[dict | None, str | None]:
+        try:
+            r = self.fs.call_s3("get_object", Bucket=self.bucket, Key=self.key)
+        except FileNotFoundError:
+            return None, None
+        body = r["Body"]
+        text = _read_body(self.fs, body)
+        return (json.loads(text) if text else None), r["ETag"]
+
+    def _put(self, doc: dict, **cond) -> bool:
+        try:
+            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=json.dumps(doc).encode(), **cond)
+        except OSError as e:
+            if "pre-condition" in str(e) or "PreconditionFailed" in str(e) or "ConditionalRequestConflict" in str(e):
+                return False
+            raise
+        return True
+
+    def create(self, doc: dict) -> bool:
+        return self._put(doc, IfNoneMatch="*")
+
+    def replace(self, doc: dict, version: str | None) -> bool:
+        return self._put(doc, IfMatch=version) if version else self.create(doc)
+
+    def delete(self, version: str | None) -> None:
+        _, current = self.read()
+        if current == version:
+            self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key)
+
+
+def _read_body(fs, body) -> str:
+    from fsspec.asyn import sync
+
+    async def read():
+        async with body as stream:
+            return await stream.read()
+
+    return sync(fs.loop, read).decode()
+
+
+def _backend(uri: str):
+    return _S3Backend(uri) if uri.startswith(("s3://", "s3a://")) else _LocalBackend(uri)
+
+
+class Lease:
+    """``with Lease(out, ttl=120, wait=0):`` holds OUT for this job or raises ``LeaseHeld``."""
+
+    def __init__(self, out: str, *, ttl: float = 120.0, wait: float = 0.0, command: str | None = None):
+        self.uri = storage.join(out, LEASE_FILE)
+        self.ttl = ttl
+        self.wait = wait
+        self.command = command or " ".join(sys.argv)
+        self.token = uuid.uuid4().hex
+        self.version: str | None = None
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._backend = _backend(self.uri)
+
+    def _doc(self, acquired: float | None = None) -> dict:
+        now = time.time()
+        return {
+            "owner": self.token, "host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
+            "acquired": acquired or now, "expires": now + self.ttl,
+        }
+
+    def _try_acquire(self) -> LeaseInfo | None:
+        """None when acquired, else the holder's lease."""
+        doc = self._doc()
+        if self._backend.create(doc):
+            self.version = self._backend.read()[1]
+            return None
+        current, version = self._backend.read()
+        if current is None:  # released between our create and read: try again next round
+            return LeaseInfo(owner="", host="?", pid=0, command="", acquired=time.time(), expires=time.time())
+        held = LeaseInfo(**{k: current[k] for k in LeaseInfo.__dataclass_fields__})
+        if (held.expires < time.time() or held.dead()) and self._backend.replace(doc, version):
+            self.version = self._backend.read()[1]
+            why = "expired" if held.expires < time.time() else "dead (its process is gone)"
+            print(f"took over the lease on {self.uri} of a job that is {why} ({held.describe()})", file=sys.stderr)
+            return None
+        return held
+
+    def acquire(self) -> "Lease":
+        deadline = time.time() + self.wait
+        announced = False
+        while True:
+            try:
+                held = self._try_acquire()
+            except OSError as e:
+                raise storage.StorageError(f"{self.uri}: cannot write the lease ({e}); is --out writable?") from e
+            if held is None:
+                break
+            if time.time() >= deadline:
+                raise LeaseHeld(
+                    f"{storage.parent(self.uri)} is being written by another tagging job ({held.describe()}; "
+                    f"command: {held.command or '?'}). Run again when it ends, pass --wait to wait for it, "
+                    f"or, if that job is dead, wait until its lease expires"
+                )
+            if not announced:
+                print(f"waiting for the tagging job that holds {self.uri} ({held.describe()})", file=sys.stderr)
+                announced = True
+            time.sleep(min(5.0, max(0.5, deadline - time.time())))
+        self._thread = threading.Thread(target=self._renew_loop, name="mlray-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew_loop(self) -> None:
+        acquired = time.time()
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                current, version = self._backend.read()
+                if not current or current.get("owner") != self.token:
+                    self.lost = f"another job took over {self.uri}"
+                    return
+                if self._backend.replace(self._doc(acquired), version):
+                    self.version = self._backend.read()[1]
+                else:
+                    self.lost = f"another job took over {self.uri}"
+                    return
+            except OSError as e:  # a blink of the store: try again next round, the ttl allows two misses
+                print(f"could not renew the lease {self.uri}: {e}", file=sys.stderr)
+
+    def check(self) -> None:
+        """Raise if the lease was lost (another job took it over after we failed to renew)."""
+        if self.lost:
+            raise LeaseHeld(self.lost)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        if not self.lost:
+            try:
+                current, version = self._backend.read()
+                if current and current.get("owner") == self.token:
+                    self._backend.delete(version)
+            except OSError as e:
+                print(f"could not release the lease {self.uri} (it expires by itself): {e}", file=sys.stderr)
+
+    def __enter__(self) -> "Lease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
