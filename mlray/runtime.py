@@ -7,6 +7,7 @@ joins that cluster; without it, a fresh local Ray starts inside the process
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -53,9 +54,32 @@ def quiet_embedded_ray() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def quiet_console() -> None:
+    """What Ray says that tells a user nothing: Ray Data's per-dataset INFO lines,
+    the driver's start-up INFO, and deprecation warnings about Ray's own settings."""
+    import logging
+    import warnings
+
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # "Progress bars disabled..." in logs: mlray draws its own progress there
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*deprecated.*", module=r"ray(\.|$)")
+
+
+def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
+    """Join the cluster of ``RAY_ADDRESS``, or start the embedded local Ray.
+
+    ``quiet`` (the tagging job, whose console shows a progress bar): Ray's own
+    INFO and deprecation lines are dropped, and on the embedded Ray the worker
+    processes' output (worker-count and actor-restart notes, per-operator
+    messages) goes to Ray's session logs only, not to the console. Errors
+    still reach the console: they come back as exceptions."""
     import ray
 
+    if quiet:
+        quiet_console()
     if ray.is_initialized():
         return
     from ray.data import DataContext
@@ -67,8 +91,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         ctx.enable_progress_bars = False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
+    level = {"logging_level": logging.WARNING} if quiet else {}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **level)
     else:
         from mlray.storage import s3_env
 
@@ -81,9 +106,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         if "RAY_num_workers_soft_limit" not in os.environ:
             system["num_workers_soft_limit"] = max(8, 2 * (num_cpus or os.cpu_count() or 1))
         ray.init(
-            address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+            address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet,
             runtime_env={**worker_runtime_env(s3_env()), "worker_process_setup_hook": "mlray.runtime.quiet_embedded_ray"},
-            _system_config=system or None,
+            _system_config=system or None, **level,
         )
 
 

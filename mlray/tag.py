@@ -89,6 +89,7 @@ class TagSummary:
     retryable_ids: list[str] = field(default_factory=list)  # the first MAX_LISTED_IDS of them
     duplicates_repaired: int = 0  # extra rows of ids OUT held more than once, dropped before tagging
     errors_retried: int = 0  # missing: error rows tagged again (--retry-errors)
+    plan_seconds: float = 0.0  # finding the new ids (and repairing OUT) before the first image is read
 
     def format(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.errors_by_reason.items())) or "none"
@@ -331,7 +332,7 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
     else:
         listing = list_images(input_uri)
         packed, columns = False, ["image_id", "uri"]
-    init_ray()
+    init_ray(quiet=True)
     work = tag_plan.plan(state, listing=listing, manifest_parts=manifest_parts, input_columns=columns,
                          retry_errors=opts.retry_errors)
     if work.rows_in == 0:
@@ -343,6 +344,7 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
     for image_id, k in work.retry_records:  # missing: rows about to be tagged again
         drop.setdefault(k, set()).add(image_id)
     dropped = tag_plan.drop_rows(state, drop) if drop else 0
+    plan_seconds = time.time() - t0
     if n_dups or work.dup_records:
         print(f"repaired OUT: {len(set(r[0] for r in work.dup_records))} ids were held more than once; "
               f"kept one row each (a scored row first, then the first part by name)", file=sys.stderr)
@@ -383,7 +385,7 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
         duplicates=0, missing=work.rows_in - work.skipped - written - retryable, seconds=seconds,
         images_per_s=written / max(seconds, 1e-9), model=art.model_id, out=out, files_written=res["files"],
         retryable=retryable, retryable_ids=res["retryable_ids"], duplicates_repaired=n_dups,
-        errors_retried=len(work.retry_records),
+        errors_retried=len(work.retry_records), plan_seconds=plan_seconds,
     )
     complete = summary.missing == 0 and retryable == 0
     doc = {**summary.__dict__, "complete": complete, "input": input_uri}
