@@ -2,14 +2,19 @@
 
     mlray tag --model s3://bucket/runs/coco-001 --input s3://bucket/new/ --out s3://bucket/tags/
 
-    list or read the input -> skip ids already in OUT -> fetch + decode (CPU tasks)
-      -> model in an actor pool (GPU: num_gpus=1 per actor, bf16) -> atomic Parquet parts
+    checks (options, OUT, model, input) -> lease on OUT -> plan: OUT's ids joined
+      with the input's in Ray tasks (``mlray.tag_plan``), duplicates repaired
+      -> fetch (retried) + decode (CPU tasks) -> model in an actor pool (GPU:
+      num_gpus=1 per actor, bf16) -> atomic Parquet parts -> ``_summary.json``
 
 Exactly once: every input row ends up once in OUT. Each output file appears
 atomically and is named by a digest of the ids it holds, so a retried write
 task replaces its own file instead of adding a second one; a job killed halfway
-and run again skips the ids OUT already has. ``--incremental`` is the nightly
-mode: OUT may hold finished runs, and only new ids are tagged.
+and run again skips the ids OUT already has, and a job run again after it
+finished has nothing to do. ``--incremental`` is the nightly mode: OUT may hold
+finished runs of other inputs, and only new ids are tagged. One job writes an
+OUT at a time (``mlray.lease``). Rows whose image could not be fetched for a
+transient cause are not written; the job exits non-zero and the next run tags them.
 
 Ray Data's ``CheckpointConfig`` was considered for this and not used: it deletes
 its id log when a run succeeds (so it cannot drive ``--incremental``), it writes
@@ -333,8 +338,12 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
         listing = list_images(input_uri)
         packed, columns = False, ["image_id", "uri"]
     init_ray(quiet=True)
+    # Rows to tag travel from the plan only when OUT holds some: otherwise every
+    # input row is new, and the input is read as it is (a 100M-row first run
+    # would otherwise park its whole listing in the object store).
+    rows_from_plan = bool(state.total) and not packed
     work = tag_plan.plan(state, listing=listing, manifest_parts=manifest_parts, input_columns=columns,
-                         retry_errors=opts.retry_errors)
+                         retry_errors=opts.retry_errors, keep_rows=rows_from_plan)
     if work.rows_in == 0:
         raise TagError(f"--input {input_uri}: no rows")
     if work.input_duplicates:
@@ -351,21 +360,21 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
     lease.check()
     sink = _AtomicParquetSink(out, score_schema(art.vocab), opts.rows_per_file)
     if work.new:
-        if not state.total and listing is not None:
-            ds = ray.data.from_arrow([listing.slice(i, opts.decode_batch_size)
-                                      for i in range(0, listing.num_rows, opts.decode_batch_size)])
-        elif packed:
-            ds = read_manifest_dataset(input_uri, None, ["image_id", "uri", "image"])
-            if state.total:
-                ds = ds.map_batches(tag_plan.keep_new, batch_format="pyarrow", fn_kwargs={"new_refs": work.new_refs})
-        else:
+        if rows_from_plan:
             ds = ray.data.from_arrow_refs(work.new_refs)
             if manifest:
                 ds = with_absolute_uris(ds, input_uri)
+        elif manifest:
+            ds = read_manifest_dataset(input_uri, None, ["image_id", "uri", "image"])
+            if state.total:  # packed: the image bytes stay in the manifest until a new row is read
+                ds = ds.map_batches(tag_plan.keep_new, batch_format="pyarrow", fn_kwargs={"new_refs": work.new_refs})
+        else:
+            ds = ray.data.from_arrow([listing.slice(i, opts.decode_batch_size)
+                                      for i in range(0, listing.num_rows, opts.decode_batch_size)])
         ds = decode_dataset(
             ds, size=art.config.data.image_size, vocab=None, decode_batch_size=opts.decode_batch_size,
             fetch_concurrency=opts.fetch_concurrency, keep=("image_id", "uri"),
-            reblock=manifest or bool(state.total),
+            reblock=manifest or rows_from_plan,
         )
         progress = counter()
         ds = score_dataset(
@@ -373,7 +382,14 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
             actor_cpus=opts.actor_cpus, threshold=opts.threshold, top_k=opts.top_k, progress=progress,
         )
         with Watcher(progress, work.new, "tag"):
-            ds.write_datasink(sink)
+            try:
+                ds.write_datasink(sink)
+            except Exception as e:  # noqa: BLE001 - a storage outage, a lost node: one clear line
+                cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise TagError(
+                    f"the tagging job stopped: {cause}\nEvery part written so far is complete and kept; "
+                    "run the same command again to tag the rest"
+                ) from e
     lease.check()
     seconds = time.time() - t0
     res = sink.result

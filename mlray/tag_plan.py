@@ -177,8 +177,10 @@ class Plan:
 
 
 def plan(out: OutFiles, *, listing: pa.Table | None, manifest_parts: list[str] | None, input_columns: list[str],
-         retry_errors: bool = False) -> Plan:
-    """Partition OUT's ids and the input's into buckets and join them, in Ray tasks."""
+         retry_errors: bool = False, keep_rows: bool = True) -> Plan:
+    """Partition OUT's ids and the input's into buckets and join them, in Ray tasks.
+    With ``keep_rows`` the new rows (``input_columns``) stay in the object store as
+    ``new_refs``; without, only their ids do (for ``keep_new``)."""
     import ray
 
     in_rows_hint = listing.num_rows if listing is not None else 0
@@ -211,7 +213,7 @@ def plan(out: OutFiles, *, listing: pa.Table | None, manifest_parts: list[str] |
             in_refs.append(refs if n > 1 else [refs])
     join = ray.remote(num_returns=2)(_join_bucket)
     results = [
-        join.remote(len(out_refs), len(in_refs), retry_errors, "uri" in input_columns,
+        join.remote(len(out_refs), len(in_refs), retry_errors, keep_rows,
                     *[r[b] for r in out_refs], *[r[b] for r in in_refs])
         for b in range(n)
     ]
