@@ -94,7 +94,8 @@ def corpus_manifest(n_old: int, folder: str) -> str:
 
     from mlray.manifest import LABELS_KEY
 
-    path = os.path.join(os.path.abspath(OUT), f"incr_manifest_{n_old}")
+    files = sorted(glob.glob(os.path.join(folder, "*.jpg")))
+    path = os.path.join(os.path.abspath(OUT), f"incr_manifest_{n_old}_{len(files)}")
     if os.path.exists(os.path.join(path, "_done")):
         return path
     os.makedirs(path, exist_ok=True)
@@ -106,7 +107,6 @@ def corpus_manifest(n_old: int, folder: str) -> str:
         pq.write_table(pa.table({"image_id": ids, "uri": [f"s3://corpus/{x}" for x in ids],
                                  "labels": pa.nulls(len(ids), pa.list_(pa.string()))}, schema=schema),
                        os.path.join(path, f"old-{p:05d}.parquet"))
-    files = sorted(glob.glob(os.path.join(folder, "*.jpg")))
     pq.write_table(pa.table({"image_id": [f"new/{os.path.basename(f)}" for f in files], "uri": files,
                              "labels": pa.nulls(len(files), pa.list_(pa.string()))}, schema=schema),
                    os.path.join(path, "new.parquet"))
