@@ -100,6 +100,15 @@ class ScalingConfig(_Section):
     gpus_per_worker: float = Field(1.0, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
+    @model_validator(mode="after")
+    def _whole_gpus(self) -> "ScalingConfig":
+        if self.use_gpu and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ValueError(
+                f"scaling.gpus_per_worker={self.gpus_per_worker}: DDP workers talk over NCCL, which needs a "
+                "whole GPU per worker (two workers on one GPU fail at the first collective); use 1"
+            )
+        return self
+
 
 class RunConfig(_Section):
     storage_path: str = Field("./runs", description="local path or URI; the run directory is storage_path/name")

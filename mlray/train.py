@@ -263,6 +263,17 @@ def _batches(iterator, dist: _Dist, skipped_errors: list, *, batch_size: int, **
         yield batch
 
 
+def amp_dtype(amp: bool, device: torch.device, bf16_supported: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype of training on ``device``: none on CPU or with
+    ``optim.amp`` off; bf16 where the GPU supports it (Ampere and later), else
+    fp16 (with loss scaling, see ``Recipe``). Chosen once per run."""
+    if not amp or device.type != "cuda":
+        return None
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16_supported else torch.float16
+
+
 def _say(message: str) -> None:
     """One line to the driver's console. Not ``print``: Ray Train patches it in
     workers to also log at INFO, which shows every line twice."""
@@ -315,8 +326,13 @@ class Recipe:
         self.device, self.dist, self.rank = device, dist, rank
         self.prior = [p / n_train for p in positives]
         self.state = _State()
-        amp = cfg.optim.amp and device.type == "cuda"
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        dtype = amp_dtype(cfg.optim.amp, device)
+        self.autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else contextlib.nullcontext
+        # fp16 overflows where bf16 does not: its gradients need loss scaling
+        self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        if dtype is not None and rank == 0:
+            _say(f"mixed precision: {str(dtype).removeprefix('torch.')} autocast"
+                 + (" with loss scaling (this GPU has no bf16)" if self.scaler else ""))
         self.phase = None
         self.ddp = None
 
@@ -381,9 +397,15 @@ class Recipe:
 
     def _optimizer_step(self) -> None:
         self._set_lr()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         if self.cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         if self.ema is not None:
@@ -406,6 +428,7 @@ class Recipe:
         freeze_norm_stats(self.model, all_layers=cfg.model.freeze_bn_stats)
         st = EpochStats()
         micro = 0
+        loss_sum = torch.zeros((), device=self.device)  # summed on the device: .item() per step would sync
         t0 = t_ready = time.time()
         for batch in batches:
             waited = time.time() - t_ready
@@ -422,18 +445,20 @@ class Recipe:
                 with self.autocast():
                     logits = self.ddp(x)
                 loss = self.loss_fn(logits, y) * (1.0 if ok.any() else 0.0)
-                (loss / accumulate).backward()
+                scaled = loss / accumulate
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             micro += 1
             if last:
                 self._optimizer_step()
             n_ok = int(ok.sum())
             st.seen += n_ok
-            st.loss_sum += loss.item() * n_ok
+            loss_sum += loss.detach().float() * n_ok
             st.batches += 1
             t_ready = time.time()
         if micro % accumulate:
             self.optimizer.zero_grad(set_to_none=True)
             st.dropped_micro = micro % accumulate
+        st.loss_sum = float(loss_sum.item())
         st.seconds = time.time() - t0
         return st
 

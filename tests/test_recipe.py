@@ -65,3 +65,19 @@ def test_a_batch_whose_rows_all_failed_keeps_the_epoch_loss_finite():
     record, policy, tuned, collapse, bad = recipe.epoch_record(0, stats, val)
     assert math.isfinite(record["train_loss"]) and record["decode_errors"] == 5
     assert len(bad) == 11 and record["epoch"] == 1
+
+
+def test_mixed_precision_is_chosen_by_what_the_gpu_supports_and_gpus_are_whole():
+    import pytest
+
+    from mlray.config import ConfigError
+    from mlray.train import amp_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert amp_dtype(True, cuda, bf16_supported=True) == torch.bfloat16
+    assert amp_dtype(True, cuda, bf16_supported=False) == torch.float16  # e.g. T4, V100: with loss scaling
+    assert amp_dtype(True, cpu) is None and amp_dtype(False, cuda, bf16_supported=True) is None
+    base = {"data": {"manifest": "unused"}, "run": {"name": "gpus"}}
+    with pytest.raises(ConfigError, match=r"scaling\.gpus_per_worker=0\.5"):
+        build_config({**base, "scaling": {"use_gpu": True, "gpus_per_worker": 0.5}})
+    assert build_config({**base, "scaling": {"use_gpu": True, "gpus_per_worker": 1}}).scaling.gpus_per_worker == 1
