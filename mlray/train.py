@@ -364,7 +364,6 @@ class Recipe:
         self.unfreeze_step = cfg.optim.freeze_epochs * self.steps_per_epoch
         if checkpoint_dir is not None:
             self._restore(checkpoint_dir)
-        self.forward_model = torch.compile(model) if cfg.model.compile else model
 
     def _restore(self, d: str) -> None:
         self.model.load_state_dict(rundir.load_weights(os.path.join(d, rundir.WEIGHTS)))
@@ -390,7 +389,10 @@ class Recipe:
         want = "head" if epoch < self.cfg.optim.freeze_epochs else (self.cfg.optim.unfreeze_stages or "all")
         if want != self.phase:
             trainable = set_trainable(self.model, want)
-            self.ddp = _wrap(self.forward_model, self.dist.world)
+            self.ddp = _wrap(self.model, self.dist.world)
+            # compiled after the DDP wrap, as torch documents it: DDPOptimizer then
+            # splits the graph at the gradient buckets, so allreduce overlaps backward
+            self.forward_model = torch.compile(self.ddp) if self.cfg.model.compile else self.ddp
             self.phase = want
             if self.rank == 0:
                 _say(f"epoch {epoch + 1}: training {want} ({trainable:,} parameters)")
@@ -443,7 +445,7 @@ class Recipe:
             sync = contextlib.nullcontext() if (last or self.dist.world == 1) else self.ddp.no_sync()
             with sync:
                 with self.autocast():
-                    logits = self.ddp(x)
+                    logits = self.forward_model(x)
                 loss = self.loss_fn(logits, y) * (1.0 if ok.any() else 0.0)
                 scaled = loss / accumulate
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
