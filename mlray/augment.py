@@ -17,9 +17,17 @@ import torch.nn.functional as F
 from mlray.config import AugmentConfig
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without a sync: to a GPU a CPU tensor goes from pinned memory
+    (from pageable memory ``non_blocking`` silently waits for the copy)."""
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1], channels-last memory."""
-    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    x = to_device(images, device).permute(0, 3, 1, 2)
     return x.float().div_(255.0).contiguous(memory_format=torch.channels_last)
 
 

@@ -74,7 +74,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from mlray.report import evaluate, format_summary
 
-    doc = evaluate(args.run, args.manifest, args.split, args.out, batch_size=args.batch_size)
+    doc = evaluate(args.run, args.manifest, args.split, args.out, batch_size=args.batch_size, num_gpus=args.num_gpus)
     print(format_summary(doc))
     return 1 if doc["collapse"]["collapsed"] and args.fail_on_collapse else 0
 
@@ -86,7 +86,7 @@ def _predict(args: argparse.Namespace) -> int:
     from mlray.images import ImageError, decode
     from mlray.inference import Predictor
 
-    predictor = Predictor.load(args.run)
+    predictor = Predictor.load(args.run, None if args.device == "auto" else args.device)
     policy = predictor.art.policy
     failed = 0
     for uri in args.images:
@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test")
     ev.add_argument("--out", help="report directory (default RUN/report/SPLIT)")
     ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--num-gpus", type=float, default=0.0, help="GPUs for the scoring actor (1 on a GPU machine)")
     ev.add_argument("--fail-on-collapse", action="store_true", help="exit 1 when the model is no better than trivial")
     ev.set_defaults(func=_evaluate)
 
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("run", help="run directory or checkpoint folder")
     pd.add_argument("images", nargs="+", help="image paths or URIs")
     pd.add_argument("--top", type=int, default=0, help="also print the N highest scores")
+    pd.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: a GPU when there is one)")
     pd.set_defaults(func=_predict)
 
     tg = sub.add_parser("tag", help="batched inference over a corpus into Parquet, exactly once per image")

@@ -233,8 +233,9 @@ td:first-child{{text-align:left}}.warn{{background:#fee;border:1px solid #c33;pa
 
 
 def evaluate(run: str, manifest: str, split: str = "test", out: str | None = None, *,
-             batch_size: int = 64, compare_strategies: bool = True) -> dict:
-    """Score ``split`` and write the report; returns the metrics dict."""
+             batch_size: int = 64, compare_strategies: bool = True, num_gpus: float = 0.0) -> dict:
+    """Score ``split`` and write the report; returns the metrics dict. ``num_gpus``:
+    GPUs of the scoring actor (1 on a GPU machine; it then scores in bf16)."""
     from mlray.config import training_facts
     from mlray.rundir import load_artifacts, read_history
     from mlray.thresholds import compare_strategies as compare
@@ -243,7 +244,8 @@ def evaluate(run: str, manifest: str, split: str = "test", out: str | None = Non
     out = out or storage.join(run, "report", split)
     val_split = art.config.data.val_split
     compare_on = compare_strategies and split != val_split
-    scored_all = score_splits(run, manifest, [split, val_split] if compare_on else [split], batch_size=batch_size)
+    scored_all = score_splits(run, manifest, [split, val_split] if compare_on else [split], batch_size=batch_size,
+                              num_gpus=num_gpus)
     scored = scored_all[split]
     pred = art.policy.predict(scored.scores)
     metrics = multilabel_metrics(scored.scores, scored.targets, art.policy.thresholds, prior=art.prior, predictions=pred)

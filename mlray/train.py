@@ -421,7 +421,7 @@ class Recipe:
         accumulation group at the end is dropped (its gradient zeroed): the LR
         schedule counts whole groups, and an unsynchronised DDP gradient must not
         be stepped or carried into the next epoch."""
-        from mlray.augment import preprocess
+        from mlray.augment import preprocess, to_device
         from mlray.models import freeze_norm_stats
 
         cfg, accumulate = self.cfg, self.cfg.optim.accumulate
@@ -440,7 +440,7 @@ class Recipe:
             st.bad += _error_rows(batch)
             keep = torch.from_numpy(ok) if ok.any() else torch.ones(len(ok), dtype=torch.bool)
             x = preprocess(batch["image"][keep], self.device, self.mean, self.std, cfg.data.augment)
-            y = batch["target"][keep].to(self.device, non_blocking=True).float()
+            y = to_device(batch["target"][keep], self.device).float()
             last = (micro + 1) % accumulate == 0
             sync = contextlib.nullcontext() if (last or self.dist.world == 1) else self.ddp.no_sync()
             with sync:
