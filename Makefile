@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mlray-installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench gpu-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	test -d /usr/share/openclipart/svg || sudo apt-get install -y openclipart-png openclipart-svg || apt-get install -y openclipart-png openclipart-svg
 	RAY_AUTH_MODE=disabled $(PY) -m benchmarks.run
+
+gpu-smoke: $(STAMP)
+	RAY_AUTH_MODE=disabled $(PY) -m benchmarks.gpu_smoke
 
 clean:
 	rm -rf $(VENV) out
