@@ -121,15 +121,18 @@ def test_fetch_errors_become_retryable_or_missing_rows(tmp_path, monkeypatch):
     from mlray.data import RETRYABLE, decode_rows
 
     server = S3Server(str(tmp_path / "gone"))
-    for k, v in server.env.items():
-        monkeypatch.setenv(k, v)
-    server.create_bucket("fetch")
-    storage.write_bytes("s3://fetch/there.jpg", b"not really a jpeg")
-    monkeypatch.setattr(storage, "RETRY_ATTEMPTS", 2)
-    batch = pa.table({"image_id": ["a", "b"], "uri": ["s3://fetch/there.jpg", "s3://fetch/absent.jpg"]})
-    up = decode_rows(batch, size=32)
-    assert up["error"][0].startswith("not_an_image") and up["error"][1].startswith("missing:")
-    server.kill()
-    down = decode_rows(batch, size=32)
-    assert all(e.startswith(RETRYABLE + ":") for e in down["error"]), down["error"]
-    assert down["image"].shape == (2, 32, 32, 3)
+    try:
+        for k, v in server.env.items():
+            monkeypatch.setenv(k, v)
+        server.create_bucket("fetch")
+        storage.write_bytes("s3://fetch/there.jpg", b"not really a jpeg")
+        monkeypatch.setattr(storage, "RETRY_ATTEMPTS", 2)
+        batch = pa.table({"image_id": ["a", "b"], "uri": ["s3://fetch/there.jpg", "s3://fetch/absent.jpg"]})
+        up = decode_rows(batch, size=32)
+        assert up["error"][0].startswith("not_an_image") and up["error"][1].startswith("missing:")
+        server.kill()
+        down = decode_rows(batch, size=32)
+        assert all(e.startswith(RETRYABLE + ":") for e in down["error"]), down["error"]
+        assert down["image"].shape == (2, 32, 32, 3)
+    finally:
+        server.stop()
