@@ -224,7 +224,9 @@ class Lease:
             if not announced:
                 print(f"waiting for the tagging job that holds {self.uri} ({held.describe()})", file=sys.stderr)
                 announced = True
-            time.sleep(min(5.0, max(0.5, deadline - time.time())))
+            # look again when the holder's lease would expire (every 5 s at most)
+            pause = min(5.0, max(0.5, held.expires - time.time() + 0.1))
+            time.sleep(max(0.05, min(pause, deadline - time.time())))
         self._thread = threading.Thread(target=self._renew_loop, name="mlray-lease", daemon=True)
         self._thread.start()
         return self
