@@ -115,7 +115,7 @@ def _tag(args: argparse.Namespace) -> int:
         actor_cpus=args.actor_cpus, threshold=args.threshold, top_k=args.top_k, incremental=args.incremental,
         rows_per_file=args.rows_per_file, decode_batch_size=args.decode_batch_size,
         fetch_concurrency=args.fetch_concurrency, wait=args.wait, allow_model_change=args.allow_model_change,
-        retry_errors=args.retry_errors,
+        retry_errors=args.retry_errors, embeddings=args.embeddings,
     )
     summary = tag(args.model, args.input, args.out, opts)
     print(summary.format())
@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--allow-model-change", action="store_true",
                     help="add rows of this model to an OUT that holds another model's or vocabulary's rows")
     tg.add_argument("--retry-errors", action="store_true", help="tag again the rows whose error was missing:")
+    tg.add_argument("--embeddings", action="store_true",
+                    help="add an embedding column: the pooled features that feed the head (float16)")
     tg.set_defaults(func=_tag)
 
     dm = sub.add_parser("demo", help="compose a data set from packaged images, then prepare, train, evaluate, tag")

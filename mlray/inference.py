@@ -7,6 +7,10 @@ normalisation, bf16 autocast on GPU.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 
@@ -48,18 +52,43 @@ class Predictor:
     @torch.inference_mode()
     def scores(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 (N, size, size, 3) -> sigmoid scores (N, C) float32."""
+        return self.scores_and_embeddings(images, embeddings=False)[0]
+
+    @torch.inference_mode()
+    def scores_and_embeddings(self, images: np.ndarray | torch.Tensor, embeddings: bool = True):
+        """uint8 (N, size, size, 3) -> (sigmoid scores (N, C) float32, the pooled
+        features that feed the head (N, D) float16, or None)."""
         from mlray.augment import preprocess
 
         if len(images) == 0:
-            return np.zeros((0, len(self.vocab)), np.float32)
+            return np.zeros((0, len(self.vocab)), np.float32), (np.zeros((0, self.embedding_dim), np.float16) if embeddings else None)
         t = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else images  # a writable copy
         x = preprocess(t, self.device, self.mean, self.std)
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        with amp:
+            if embeddings:
+                pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+                logits = self.model.get_classifier()(pooled)
+            else:
                 logits = self.model(x)
-        else:
-            logits = self.model(x)
-        return torch.sigmoid(logits.float()).cpu().numpy()
+        scores = torch.sigmoid(logits.float()).cpu().numpy()
+        return scores, (pooled.float().cpu().numpy().astype(np.float16) if embeddings else None)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.model.num_features)
+
+    @functools.cached_property
+    def backbone_digest(self) -> str:
+        """sha256 (16 hex) of every weight but the head's: equal digests, equal embeddings."""
+        head = {id(p) for p in self.model.get_classifier().parameters()}
+        h = hashlib.sha256()
+        for name, p in self.model.state_dict(keep_vars=True).items():
+            if id(p) in head:
+                continue
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
 
 SCORE_SCHEMA_FIELDS = [
@@ -72,10 +101,21 @@ SCORE_SCHEMA_FIELDS = [
 ]
 
 
-def score_schema(vocab: Sequence[str]) -> pa.Schema:
+EMBEDDING_KEY = b"mlray.embedding"
+
+
+def score_schema(vocab: Sequence[str], embedding: dict | None = None) -> pa.Schema:
+    """The tagging output's schema; with ``embedding`` (``model``, ``dim``,
+    ``backbone_digest``) an ``embedding`` column (list<float16>) and that
+    description in the schema metadata."""
     from mlray.manifest import schema_with_vocab
 
-    return schema_with_vocab(pa.schema(SCORE_SCHEMA_FIELDS), vocab)
+    schema = schema_with_vocab(pa.schema(SCORE_SCHEMA_FIELDS), vocab)
+    if embedding is None:
+        return schema
+    meta = dict(schema.metadata or {})
+    meta[EMBEDDING_KEY] = json.dumps(embedding).encode()
+    return schema.append(pa.field("embedding", pa.list_(pa.float16()))).with_metadata(meta)
 
 
 class ScoreBatches:
@@ -87,10 +127,11 @@ class ScoreBatches:
 
     def __init__(
         self, directory: str, *, threshold: float | None = None, top_k: int | None = None,
-        with_targets: bool = False, torch_threads: int | None = None, progress=None,
+        with_targets: bool = False, torch_threads: int | None = None, progress=None, embeddings: bool = False,
     ):
         self.torch_threads = torch_threads
         self.progress = progress  # a mlray.progress counter actor, told the rows of each batch
+        self.embeddings = embeddings
         self.predictor = Predictor.load(directory)
         self.policy = self.predictor.art.policy
         n = len(self.predictor.vocab)
@@ -114,7 +155,7 @@ class ScoreBatches:
         errors = batch["error"]
         ok = np.array([e == "" for e in errors], dtype=bool)
         n = len(errors)
-        scores = self.predictor.scores(batch["image"][ok])
+        scores, feats = self.predictor.scores_and_embeddings(batch["image"][ok], embeddings=self.embeddings)
         pred = self.policy.predict(scores) if len(scores) else np.zeros((0, len(self.vocab)), bool)
         score_rows: list = [None] * n
         label_rows: list = [None] * n
@@ -132,6 +173,11 @@ class ScoreBatches:
         for k, v in batch.items():  # other id-like columns pass through (e.g. split)
             if k not in cols and k not in ("image", "target") and v.dtype == object:
                 cols[k] = pa.array([x or None for x in v.tolist()], pa.string())
+        if self.embeddings:
+            emb_rows: list = [None] * n
+            for j, i in enumerate(np.flatnonzero(ok)):
+                emb_rows[i] = feats[j]
+            cols["embedding"] = pa.array(emb_rows, pa.list_(pa.float16()))
         if self.with_targets:
             cols["target"] = pa.array(list(batch["target"]), pa.list_(pa.uint8()))
         if self.progress is not None:
@@ -142,7 +188,7 @@ class ScoreBatches:
 def score_dataset(
     ds, directory: str, *, batch_size: int = 64, concurrency: int = 1, num_gpus: float = 0.0,
     actor_cpus: float | None = None, threshold: float | None = None, top_k: int | None = None,
-    with_targets: bool = False, progress=None,
+    with_targets: bool = False, progress=None, embeddings: bool = False,
 ):
     """Append the actor pool that scores decoded rows (``image``, ``error``, ids);
     ``progress`` (a ``mlray.progress.counter``) is told the rows of every batch."""
@@ -157,7 +203,7 @@ def score_dataset(
         fn_constructor_args=(directory,),
         fn_constructor_kwargs={
             "threshold": threshold, "top_k": top_k, "with_targets": with_targets, "torch_threads": threads,
-            "progress": progress,
+            "progress": progress, "embeddings": embeddings,
         },
         batch_size=batch_size,
         batch_format="numpy",

@@ -45,6 +45,7 @@ from mlray.lease import Lease
 from mlray.manifest import manifest_files
 
 if TYPE_CHECKING:
+    from mlray.inference import Predictor
     from mlray.rundir import RunArtifacts
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -72,6 +73,7 @@ class TagOptions:
     allow_model_change: bool = False  # add rows of another model / vocabulary to OUT on purpose
     retry_errors: bool = False  # tag again the rows whose error was missing: (the object was absent)
     lease_ttl: float = 120.0  # seconds a lease lives without renewal (renewed every third of it)
+    embeddings: bool = False  # add the pooled features that feed the head (list<float16>) per scored row
 
 
 @dataclass
@@ -247,19 +249,17 @@ def check_out(out: str) -> None:
             up = parent
 
 
-def check_model(model: str) -> RunArtifacts:
-    """The run directory's files are there and its weights load."""
+def check_model(model: str) -> "Predictor":
+    """The run directory's files are there and its weights load (on CPU)."""
     from mlray.inference import Predictor
     from mlray.rundir import load_artifacts
 
     try:
-        art = load_artifacts(model)
-        Predictor(art, device="cpu")
+        return Predictor(load_artifacts(model), device="cpu")
     except FileNotFoundError as e:
         raise TagError(f"--model {e}") from e
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise TagError(f"--model {model}: the model does not load ({e})") from e
-    return art
 
 
 def _vocab_text(vocab: list[str]) -> str:
@@ -302,14 +302,20 @@ def tag(model: str, input_uri: str, out: str, opts: TagOptions | None = None) ->
     opts = opts or TagOptions()
     check_options(opts)
     check_out(out)
-    art = check_model(model)
+    predictor = check_model(model)
+    art = predictor.art
+    embedding = None
+    if opts.embeddings:
+        embedding = {"model": art.model_id, "dim": predictor.embedding_dim, "backbone_digest": predictor.backbone_digest}
+    del predictor  # the actors load their own; the driver keeps no weights
     if not storage.exists(_listing_base(input_uri)):
         raise TagError(f"--input {input_uri}: no such file, directory or prefix")
     with Lease(out, ttl=opts.lease_ttl, wait=opts.wait) as lease:
-        return _tag_locked(art, model, input_uri, out, opts, lease)
+        return _tag_locked(art, model, input_uri, out, opts, lease, embedding)
 
 
-def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: TagOptions, lease: Lease) -> TagSummary:
+def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: TagOptions, lease: Lease,
+                embedding: dict | None) -> TagSummary:
     import ray.data
 
     from mlray.data import decode_dataset, read_manifest_dataset, with_absolute_uris
@@ -320,6 +326,11 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
     t0 = time.time()
     state = tag_plan.out_files(out)
     check_same_model(state, art, model, out, opts.allow_model_change)
+    if state.embeddings and state.embeddings != {opts.embeddings}:
+        has = "with" if True in state.embeddings else "without"
+        raise TagError(
+            f"--out {out} holds parts {has} embeddings; tag into it {has} --embeddings, or choose another --out"
+        )
     previous = _read_summary(out)
     if (state.total and previous and previous.get("complete") and previous.get("input") != input_uri
             and not opts.incremental):
@@ -358,7 +369,7 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
         print(f"repaired OUT: {len(set(r[0] for r in work.dup_records))} ids were held more than once; "
               f"kept one row each (a scored row first, then the first part by name)", file=sys.stderr)
     lease.check()
-    sink = _AtomicParquetSink(out, score_schema(art.vocab), opts.rows_per_file)
+    sink = _AtomicParquetSink(out, score_schema(art.vocab, embedding), opts.rows_per_file)
     if work.new:
         if rows_from_plan:
             ds = ray.data.from_arrow_refs(work.new_refs)
@@ -380,6 +391,7 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
         ds = score_dataset(
             ds, model, batch_size=opts.batch_size, concurrency=opts.concurrency, num_gpus=opts.num_gpus,
             actor_cpus=opts.actor_cpus, threshold=opts.threshold, top_k=opts.top_k, progress=progress,
+            embeddings=opts.embeddings,
         )
         with Watcher(progress, work.new, "tag"):
             try:

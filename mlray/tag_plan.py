@@ -35,13 +35,14 @@ class OutFiles:
     rows: list[int]
     models: set[str]
     vocabs: dict[str, str]  # a file per distinct label vocabulary (JSON), to name it in errors
+    embeddings: set[bool] = field(default_factory=set)  # whether parts carry an embedding column
 
     @property
     def total(self) -> int:
         return sum(self.rows)
 
 
-def _footer(uri: str) -> tuple[int, set[str], str | None]:
+def _footer(uri: str) -> tuple[int, set[str], str | None, bool]:
     fs, path = storage.resolve(uri)
 
     def read():
@@ -63,7 +64,8 @@ def _footer(uri: str) -> tuple[int, set[str], str | None]:
                                st.max if isinstance(st.max, str) else st.max.decode()})
     if "?" in models:
         models = set(pc.unique(pq.read_table(path, filesystem=fs, columns=["model"]).column("model")).to_pylist())
-    return meta.num_rows, models, vocab.decode() if vocab else None
+    has_embedding = "embedding" in meta.schema.to_arrow_schema().names
+    return meta.num_rows, models, vocab.decode() if vocab else None, has_embedding
 
 
 def out_files(out: str) -> OutFiles:
@@ -77,11 +79,11 @@ def out_files(out: str) -> OutFiles:
         footers = list(pool.map(_footer, files))
     models: set[str] = set()
     vocabs: dict[str, str] = {}
-    for f, (_, m, v) in zip(files, footers):
+    for f, (_, m, v, _) in zip(files, footers):
         models |= m
         if v is not None:
             vocabs.setdefault(v, f)
-    return OutFiles(files, [r for r, _, _ in footers], models, vocabs)
+    return OutFiles(files, [r for r, *_ in footers], models, vocabs, {e for *_, e in footers})
 
 
 def _bucket_of(ids: pa.Array, n: int) -> np.ndarray:
