@@ -1,6 +1,6 @@
 """Typed run configuration: one YAML file per run, ``key=value`` overrides, validated.
 
-Sections and names follow the skeleton in DESIGN.md; they may grow, not change.
+Sections and names follow the skeleton in the README (Configuration); they may grow, not change.
 Builders read the config; classes below them take plain arguments.
 
     cfg = load_config("jobs/configs/demo.yaml", ["optim.epochs=3", "scaling.num_workers=1"])
@@ -190,7 +190,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check the spelling; see DESIGN.md's config skeleton)")
+            lines.append(f"  {key}: unknown key (check the spelling; the README's Configuration section lists every section)")
         elif e["type"] == "missing":
             lines.append(f"  {key}: required, not set")
         else:
