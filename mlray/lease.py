@@ -122,18 +122,31 @@ class _S3Backend:
             client_kwargs={"region_name": storage.bucket_region(self.bucket, endpoint)},
         )
 
+    def _call(self, op: str, **kw):
+        """One S3 call; botocore's connection errors (not OSErrors) become OSErrors,
+        so a store that is down is retried and reported like every other storage error."""
+        try:
+            return self.fs.call_s3(op, **kw)
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - botocore / aiohttp connection errors
+            raise ConnectionError(f"s3://{self.bucket}/{self.key}: {e}") from e
+
     def read(self) -> tuple[dict | None, str | None]:
         try:
-            r = self.fs.call_s3("get_object", Bucket=self.bucket, Key=self.key)
-        except FileNotFoundError:
-            return None, None
+            r = storage.retrying(lambda: self._call("get_object", Bucket=self.bucket, Key=self.key),
+                                 f"s3://{self.bucket}/{self.key}")
+        except storage.StorageError as e:
+            if isinstance(e.__cause__, FileNotFoundError) or "no such file" in str(e):
+                return None, None
+            raise
         body = r["Body"]
         text = _read_body(self.fs, body)
         return (json.loads(text) if text else None), r["ETag"]
 
     def _put(self, doc: dict, **cond) -> bool:
         try:
-            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=json.dumps(doc).encode(), **cond)
+            self._call("put_object", Bucket=self.bucket, Key=self.key, Body=json.dumps(doc).encode(), **cond)
         except OSError as e:
             if "pre-condition" in str(e) or "PreconditionFailed" in str(e) or "ConditionalRequestConflict" in str(e):
                 return False
@@ -149,7 +162,7 @@ class _S3Backend:
     def delete(self, version: str | None) -> None:
         _, current = self.read()
         if current == version:
-            self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key)
+            self._call("delete_object", Bucket=self.bucket, Key=self.key)
 
 
 def _read_body(fs, body) -> str:
@@ -244,7 +257,7 @@ class Lease:
                 else:
                     self.lost = f"another job took over {self.uri}"
                     return
-            except OSError as e:  # a blink of the store: try again next round, the ttl allows two misses
+            except Exception as e:  # noqa: BLE001 - a blink of the store: try again next round, the ttl allows two misses
                 print(f"could not renew the lease {self.uri}: {e}", file=sys.stderr)
 
     def check(self) -> None:
@@ -261,7 +274,7 @@ class Lease:
                 current, version = self._backend.read()
                 if current and current.get("owner") == self.token:
                     self._backend.delete(version)
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - releasing is best effort: the lease expires by itself
                 print(f"could not release the lease {self.uri} (it expires by itself): {e}", file=sys.stderr)
 
     def __enter__(self) -> "Lease":
