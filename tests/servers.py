@@ -117,3 +117,108 @@ class S3Server:
         # Open client keep-alive connections hold a graceful stop for ~30 s; data
         # integrity at the end of a test session doesn't matter.
         stop_group(self.proc, signal.SIGTERM, timeout=3)
+
+
+class CuttingProxy:
+    """A TCP proxy in front of a server that fails like a network does.
+
+    It passes bytes both ways and counts the requests whose first bytes match
+    ``match`` (e.g. ``b"GET /bucket/images/"``: object fetches, not listings).
+    After ``after`` of them it cuts every open connection with a TCP reset and
+    resets every new one for ``down_s`` seconds, then passes traffic again. The
+    outage lands at the same phase of a job every time (restarting the server
+    itself lands anywhere: the listing, the fetches or the final write)."""
+
+    def __init__(self, target_port: int, match: bytes, after: int, down_s: float):
+        import threading
+
+        self.target_port, self.match, self.after, self.down_s = target_port, match, after, down_s
+        self.requests = 0
+        self.cut_at: float | None = None
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _down(self) -> bool:
+        return self.cut_at is not None and time.time() < self.cut_at + self.down_s
+
+    @staticmethod
+    def _reset(s: socket.socket) -> None:
+        import struct
+
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        except OSError:
+            pass
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self._down():
+                self._reset(client)
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            except OSError:
+                self._reset(client)
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._open.update((client, upstream))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
+        tail = b""
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if requests:
+                    seen = tail + data
+                    n = seen.count(self.match) - tail.count(self.match)
+                    tail = seen[-len(self.match):]
+                    if n and self._count(n):
+                        return
+                if self._down():
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._reset(src)
+            self._reset(dst)
+            with self._lock:
+                self._open.discard(src)
+                self._open.discard(dst)
+
+    def _count(self, n: int) -> bool:
+        """Count ``n`` matching requests; True when this cut the connections."""
+        with self._lock:
+            self.requests += n
+            if self.cut_at is not None or self.requests < self.after:
+                return False
+            self.cut_at = time.time()
+            victims = list(self._open)
+        for s in victims:
+            self._reset(s)
+        return True
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        with self._lock:
+            victims = list(self._open)
+        for s in victims:
+            self._reset(s)
