@@ -1,11 +1,13 @@
-"""The ``mlray`` command: prepare, stats, train, evaluate, predict, tag, demo.
+"""The ``mlray`` command: prepare, stats, train, evaluate, predict, tag, head, demo.
 
     mlray prepare labels.csv --images s3://bucket/images --out s3://bucket/manifest --pack
     mlray stats s3://bucket/manifest
     mlray train --config jobs/configs/demo.yaml optim.epochs=3
     mlray evaluate RUN --manifest M --split test
     mlray predict RUN img1.jpg s3://bucket/img2.png
-    mlray tag --model RUN --input s3://bucket/new/ --out s3://bucket/tags/
+    mlray tag --model RUN --input s3://bucket/new/ --out s3://bucket/tags/ --embeddings
+    mlray head --model RUN --embeddings s3://bucket/tags/ --manifest M2 --out s3://bucket/runs/new-labels
+    mlray tag --model s3://bucket/runs/new-labels --from-embeddings s3://bucket/tags/ --out s3://bucket/tags2/
 """
 
 from __future__ import annotations
@@ -115,10 +117,20 @@ def _tag(args: argparse.Namespace) -> int:
         actor_cpus=args.actor_cpus, threshold=args.threshold, top_k=args.top_k, incremental=args.incremental,
         rows_per_file=args.rows_per_file, decode_batch_size=args.decode_batch_size,
         fetch_concurrency=args.fetch_concurrency, wait=args.wait, allow_model_change=args.allow_model_change,
-        retry_errors=args.retry_errors, embeddings=args.embeddings,
+        retry_errors=args.retry_errors, embeddings=args.embeddings, from_embeddings=bool(args.from_embeddings),
     )
-    summary = tag(args.model, args.input, args.out, opts)
+    summary = tag(args.model, args.from_embeddings or args.input, args.out, opts)
     print(summary.format())
+    return 0
+
+
+def _head(args: argparse.Namespace) -> int:
+    from mlray.head import HeadOptions, train_head
+
+    opts = HeadOptions(epochs=args.epochs, patience=args.patience, lr=args.lr, weight_decay=args.weight_decay,
+                       batch_size=args.batch_size, seed=args.seed,
+                       device=None if args.device == "auto" else args.device, overrides=args.overrides)
+    print(train_head(args.model, args.embeddings, args.manifest, args.out, opts).format())
     return 0
 
 
@@ -179,7 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tg = sub.add_parser("tag", help="batched inference over a corpus into Parquet, exactly once per image")
     tg.add_argument("--model", required=True, help="run directory or checkpoint folder")
-    tg.add_argument("--input", required=True, help="a manifest, or a prefix/glob of image files (local or s3://)")
+    src = tg.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="a manifest, or a prefix/glob of image files (local or s3://)")
+    src.add_argument("--from-embeddings", metavar="TAGS_OUT",
+                     help="rescore the embeddings a `tag --embeddings` run stored in TAGS_OUT; no image is read")
     tg.add_argument("--out", required=True, help="output Parquet directory (local or s3://)")
     tg.add_argument("--batch-size", type=int, default=64)
     tg.add_argument("--concurrency", type=int, default=1, help="model actors (one per GPU on clusters)")
@@ -199,6 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--embeddings", action="store_true",
                     help="add an embedding column: the pooled features that feed the head (float16)")
     tg.set_defaults(func=_tag)
+
+    hd = sub.add_parser("head", help="train a new head on stored embeddings (new labels without reading images)")
+    hd.add_argument("--model", required=True, help="run whose backbone made the embeddings")
+    hd.add_argument("--embeddings", required=True, metavar="TAGS_OUT", help="OUT of a `mlray tag --embeddings` run")
+    hd.add_argument("--manifest", required=True, help="labelled manifest (ids, labels, splits); joined by image_id")
+    hd.add_argument("--out", required=True, help="new run directory (local or s3://)")
+    hd.add_argument("--epochs", type=int, default=300, help="most passes over the embeddings (default %(default)s)")
+    hd.add_argument("--patience", type=int, default=30, help="passes without a val mAP gain before stopping")
+    hd.add_argument("--lr", type=float, default=1e-3)
+    hd.add_argument("--weight-decay", type=float, default=1e-4)
+    hd.add_argument("--batch-size", type=int, default=256)
+    hd.add_argument("--seed", type=int, default=0)
+    hd.add_argument("--device", default="auto", help="cpu, cuda, ... (default: a GPU when there is one)")
+    hd.add_argument("overrides", nargs="*", help="key=value for the new run's config, e.g. loss.name=bce")
+    hd.set_defaults(func=_head)
 
     dm = sub.add_parser("demo", help="compose a data set from packaged images, then prepare, train, evaluate, tag")
     dm.add_argument("--config", default="jobs/configs/demo.yaml")

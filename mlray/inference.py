@@ -16,9 +16,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from mlray import rundir, storage
+from mlray.manifest import EMBEDDING_KEY
 from mlray.rundir import RunArtifacts, load_artifacts
 
 
@@ -101,8 +103,6 @@ SCORE_SCHEMA_FIELDS = [
 ]
 
 
-EMBEDDING_KEY = b"mlray.embedding"
-
 
 def score_schema(vocab: Sequence[str], embedding: dict | None = None) -> pa.Schema:
     """The tagging output's schema; with ``embedding`` (``model``, ``dim``,
@@ -116,6 +116,43 @@ def score_schema(vocab: Sequence[str], embedding: dict | None = None) -> pa.Sche
     meta = dict(schema.metadata or {})
     meta[EMBEDDING_KEY] = json.dumps(embedding).encode()
     return schema.append(pa.field("embedding", pa.list_(pa.float16()))).with_metadata(meta)
+
+
+def _policy(predictor: Predictor, threshold: float | None, top_k: int | None):
+    """The run's tuned thresholds, or ``--top-k`` / ``--threshold`` instead."""
+    if top_k is not None:
+        from dataclasses import replace
+
+        return replace(predictor.art.policy, strategy="top_k", top_k=top_k)
+    if threshold is not None:
+        from mlray.thresholds import ThresholdPolicy
+
+        return ThresholdPolicy.fixed(len(predictor.vocab), threshold, at_least_one=False)
+    return predictor.art.policy
+
+
+def rows_of(matrix: np.ndarray, ok: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    """A list column of ``len(ok)`` rows: the rows of ``matrix`` (one per true
+    entry of ``ok``, in order) where ``ok``, null elsewhere. No Python loop."""
+    width = matrix.shape[1] if matrix.ndim == 2 else 0
+    lengths = np.where(ok, width, 0)
+    offsets = np.zeros(len(ok) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = pa.array(np.ascontiguousarray(matrix).reshape(-1), value_type)
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(~ok))
+
+
+def score_columns(scores: np.ndarray, policy, vocab: pa.Array, ok: np.ndarray) -> dict[str, pa.ListArray]:
+    """``scores`` and ``labels`` columns of the tagging contract for the rows where
+    ``ok`` (``scores`` holds those rows only); the other rows get nulls."""
+    pred = policy.predict(scores) if len(scores) else np.zeros((0, len(vocab)), bool)
+    rows, cols = np.nonzero(pred)  # row-major: each row's labels in vocabulary order
+    counts = np.zeros(len(ok), np.int64)
+    counts[np.flatnonzero(ok)] = pred.sum(axis=1)
+    offsets = np.zeros(len(ok) + 1, np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    labels = pa.ListArray.from_arrays(pa.array(offsets), vocab.take(pa.array(cols, pa.int64())), mask=pa.array(~ok))
+    return {"scores": rows_of(scores.astype(np.float32, copy=False), ok, pa.float32()), "labels": labels}
 
 
 class ScoreBatches:
@@ -133,19 +170,10 @@ class ScoreBatches:
         self.progress = progress  # a mlray.progress counter actor, told the rows of each batch
         self.embeddings = embeddings
         self.predictor = Predictor.load(directory)
-        self.policy = self.predictor.art.policy
-        n = len(self.predictor.vocab)
-        if top_k is not None:
-            from dataclasses import replace
-
-            self.policy = replace(self.policy, strategy="top_k", top_k=top_k)
-        elif threshold is not None:
-            from mlray.thresholds import ThresholdPolicy
-
-            self.policy = ThresholdPolicy.fixed(n, threshold, at_least_one=False)
+        self.policy = _policy(self.predictor, threshold, top_k)
         self.model_id = self.predictor.art.model_id
         self.with_targets = with_targets
-        self.vocab = np.array(self.predictor.vocab, dtype=object)
+        self.vocab_array = pa.array(self.predictor.vocab, pa.string())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         if self.torch_threads and torch.get_num_threads() != self.torch_threads:
@@ -156,17 +184,10 @@ class ScoreBatches:
         ok = np.array([e == "" for e in errors], dtype=bool)
         n = len(errors)
         scores, feats = self.predictor.scores_and_embeddings(batch["image"][ok], embeddings=self.embeddings)
-        pred = self.policy.predict(scores) if len(scores) else np.zeros((0, len(self.vocab)), bool)
-        score_rows: list = [None] * n
-        label_rows: list = [None] * n
-        for j, i in enumerate(np.flatnonzero(ok)):
-            score_rows[i] = scores[j]
-            label_rows[i] = self.vocab[pred[j]].tolist()
         cols = {
             "image_id": pa.array(batch["image_id"].tolist(), pa.string()),
             "uri": pa.array([u or None for u in batch["uri"].tolist()], pa.string()) if "uri" in batch else pa.nulls(n, pa.string()),
-            "scores": pa.array(score_rows, pa.list_(pa.float32())),
-            "labels": pa.array(label_rows, pa.list_(pa.string())),
+            **score_columns(scores, self.policy, self.vocab_array, ok),
             "model": pa.array([self.model_id] * n, pa.string()),
             "error": pa.array([None if e == "" else e for e in errors], pa.string()),
         }
@@ -174,10 +195,7 @@ class ScoreBatches:
             if k not in cols and k not in ("image", "target") and v.dtype == object:
                 cols[k] = pa.array([x or None for x in v.tolist()], pa.string())
         if self.embeddings:
-            emb_rows: list = [None] * n
-            for j, i in enumerate(np.flatnonzero(ok)):
-                emb_rows[i] = feats[j]
-            cols["embedding"] = pa.array(emb_rows, pa.list_(pa.float16()))
+            cols["embedding"] = rows_of(feats, ok, pa.float16())
         if self.with_targets:
             cols["target"] = pa.array(list(batch["target"]), pa.list_(pa.uint8()))
         if self.progress is not None:
@@ -213,3 +231,42 @@ def score_dataset(
         runtime_env=worker_runtime_env(),
     )
 
+
+
+class EmbeddingScores:
+    """Ray Data UDF: rows of a tag output with embeddings in, the tagging contract's
+    rows of another head out (``mlray tag --from-embeddings``). No image is read:
+    the head is a matrix product. Error rows pass through with their error."""
+
+    def __init__(self, directory: str, *, threshold: float | None = None, top_k: int | None = None,
+                 keep_embeddings: bool = False, progress=None):
+        self.progress = progress
+        predictor = Predictor(load_artifacts(directory), "cpu")
+        fc = predictor.model.get_classifier()
+        self.weight = fc.weight.detach().float().numpy().T.copy()  # (D, C)
+        self.bias = fc.bias.detach().float().numpy()
+        self.dim = predictor.embedding_dim
+        self.policy = _policy(predictor, threshold, top_k)
+        self.vocab_array = pa.array(predictor.vocab, pa.string())
+        self.model_id = predictor.art.model_id
+        self.keep_embeddings = keep_embeddings
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        emb = batch.column("embedding").combine_chunks()
+        ok = emb.is_valid().to_numpy(zero_copy_only=False)
+        feats = pc.list_flatten(emb).to_numpy(zero_copy_only=False).reshape(-1, self.dim)
+        logits = feats.astype(np.float32) @ self.weight + self.bias
+        scores = 1.0 / (1.0 + np.exp(-np.clip(logits, -60.0, 60.0, out=logits)))
+        n = batch.num_rows
+        cols = {
+            "image_id": batch.column("image_id"),
+            "uri": batch.column("uri") if "uri" in batch.column_names else pa.nulls(n, pa.string()),
+            **score_columns(scores, self.policy, self.vocab_array, ok),
+            "model": pa.array([self.model_id] * n, pa.string()),
+            "error": batch.column("error"),
+        }
+        if self.keep_embeddings:
+            cols["embedding"] = emb
+        if self.progress is not None:
+            self.progress.add.remote(n)
+        return pa.table(cols)

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from mlray import storage
 
 LABELS_KEY = b"mlray.labels"
+EMBEDDING_KEY = b"mlray.embedding"  # tag outputs: what made the embedding column (model, dim, backbone_digest)
 # "random": rows of each split are stored in a seeded random order (``mlray prepare``
 # writes them so). Absent in manifests written in source order, e.g. by older versions.
 ROW_ORDER_KEY = b"mlray.row_order"

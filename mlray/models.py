@@ -137,8 +137,12 @@ def init_head(model: nn.Module, prior: list[float] | None = None) -> None:
     the label-prior predictor, the model can only improve on doing nothing.
     """
     head = model.get_classifier()
-    if not isinstance(head, nn.Linear):
-        return
+    if isinstance(head, nn.Linear):
+        init_linear(head, prior)
+
+
+def init_linear(head: nn.Linear, prior: list[float] | None = None) -> None:
+    """``init_head`` for a bare linear layer (heads trained on stored embeddings)."""
     with torch.no_grad():
         head.weight.normal_(0, 0.01)
         if head.bias is not None:

@@ -74,6 +74,7 @@ class TagOptions:
     retry_errors: bool = False  # tag again the rows whose error was missing: (the object was absent)
     lease_ttl: float = 120.0  # seconds a lease lives without renewal (renewed every third of it)
     embeddings: bool = False  # add the pooled features that feed the head (list<float16>) per scored row
+    from_embeddings: bool = False  # the input is a tag OUT with embeddings: rescore them, read no image
 
 
 @dataclass
@@ -307,8 +308,18 @@ def tag(model: str, input_uri: str, out: str, opts: TagOptions | None = None) ->
     embedding = None
     if opts.embeddings:
         embedding = {"model": art.model_id, "dim": predictor.embedding_dim, "backbone_digest": predictor.backbone_digest}
+    if opts.from_embeddings:
+        if not storage.exists(input_uri):
+            raise TagError(f"--from-embeddings {input_uri}: no such directory or prefix")
+        try:
+            _, source_info = tag_plan.embedding_parts(input_uri)
+            tag_plan.check_backbone(source_info, predictor.backbone_digest, predictor.embedding_dim, input_uri, model)
+        except ValueError as e:
+            raise TagError(f"--from-embeddings {e}") from e
+        if opts.embeddings:  # copied from the source: they describe what made them
+            embedding = source_info
     del predictor  # the actors load their own; the driver keeps no weights
-    if not storage.exists(_listing_base(input_uri)):
+    if not opts.from_embeddings and not storage.exists(_listing_base(input_uri)):
         raise TagError(f"--input {input_uri}: no such file, directory or prefix")
     with Lease(out, ttl=opts.lease_ttl, wait=opts.wait) as lease:
         return _tag_locked(art, model, input_uri, out, opts, lease, embedding)
@@ -320,7 +331,7 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
 
     from mlray.data import decode_dataset, read_manifest_dataset, with_absolute_uris
     from mlray.inference import score_dataset, score_schema
-    from mlray.progress import Watcher, counter
+    from mlray.progress import counter
     from mlray.runtime import init_ray
 
     t0 = time.time()
@@ -338,9 +349,12 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
             f"--out {out} holds a finished tagging run of --input {previous.get('input')}; pass --incremental "
             "to add the new images of this input, or choose another --out"
         )
-    manifest = _is_manifest(input_uri)
+    manifest = opts.from_embeddings or _is_manifest(input_uri)
     listing = manifest_parts = None
-    if manifest:
+    if opts.from_embeddings:  # the source's parts are read like a packed manifest's: ids first, rows when new
+        manifest_parts = tag_plan.out_files(input_uri).files
+        packed, columns = True, ["image_id"]
+    elif manifest:
         manifest_parts = manifest_files(input_uri)
         names = set(_schema_names(manifest_parts[0]))
         packed = "image" in names
@@ -358,6 +372,9 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
     if work.rows_in == 0:
         raise TagError(f"--input {input_uri}: no rows")
     if work.input_duplicates:
+        if opts.from_embeddings:
+            raise TagError(f"--from-embeddings {input_uri}: {work.input_duplicates} duplicate image ids; run its "
+                           "`mlray tag` command once more, which repairs duplicates, then this one")
         raise TagError(f"--input {input_uri}: {work.input_duplicates} duplicate image ids; ids must be unique")
     drop = tag_plan.choose_duplicates(state, work.dup_records)
     n_dups = sum(len(v) for v in drop.values())
@@ -370,7 +387,21 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
               f"kept one row each (a scored row first, then the first part by name)", file=sys.stderr)
     lease.check()
     sink = _AtomicParquetSink(out, score_schema(art.vocab, embedding), opts.rows_per_file)
-    if work.new:
+    if work.new and opts.from_embeddings:
+        from mlray.inference import EmbeddingScores
+
+        ds = read_manifest_dataset(input_uri, None, ["image_id", "uri", "embedding", "error"])
+        if state.total:
+            ds = ds.map_batches(tag_plan.keep_new, batch_format="pyarrow", fn_kwargs={"new_refs": work.new_refs})
+        progress = counter()
+        ds = ds.map_batches(
+            EmbeddingScores, fn_constructor_args=(model,), batch_format="pyarrow", batch_size=opts.rows_per_file,
+            fn_constructor_kwargs={"threshold": opts.threshold, "top_k": opts.top_k, "keep_embeddings": opts.embeddings,
+                                   "progress": progress},
+            compute=ray.data.ActorPoolStrategy(size=opts.concurrency), num_cpus=opts.actor_cpus or 1.0,
+        )
+        _write(ds, sink, progress, work.new)
+    elif work.new:
         if rows_from_plan:
             ds = ray.data.from_arrow_refs(work.new_refs)
             if manifest:
@@ -393,15 +424,7 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
             actor_cpus=opts.actor_cpus, threshold=opts.threshold, top_k=opts.top_k, progress=progress,
             embeddings=opts.embeddings,
         )
-        with Watcher(progress, work.new, "tag"):
-            try:
-                ds.write_datasink(sink)
-            except Exception as e:  # noqa: BLE001 - a storage outage, a lost node: one clear line
-                cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                raise TagError(
-                    f"the tagging job stopped: {cause}\nEvery part written so far is complete and kept; "
-                    "run the same command again to tag the rest"
-                ) from e
+        _write(ds, sink, progress, work.new)
     lease.check()
     seconds = time.time() - t0
     res = sink.result
@@ -427,6 +450,21 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
     if summary.missing:
         raise TagError(f"tagging finished inconsistent:\n{summary.format()}")
     return summary
+
+
+def _write(ds, sink, progress, rows: int) -> None:
+    """Run the pipeline into the sink; any failure becomes one line saying to rerun."""
+    from mlray.progress import Watcher
+
+    with Watcher(progress, rows, "tag"):
+        try:
+            ds.write_datasink(sink)
+        except Exception as e:  # noqa: BLE001 - a storage outage, a lost node: one clear line
+            cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise TagError(
+                f"the tagging job stopped: {cause}\nEvery part written so far is complete and kept; "
+                "run the same command again to tag the rest"
+            ) from e
 
 
 def _schema_names(uri: str) -> list[str]:

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlray import storage
-from mlray.manifest import LABELS_KEY, manifest_files
+from mlray.manifest import EMBEDDING_KEY, LABELS_KEY, manifest_files
 
 ROWS_PER_BUCKET = 1_000_000
 ROWS_PER_READ_TASK = 2_000_000
@@ -36,13 +36,14 @@ class OutFiles:
     models: set[str]
     vocabs: dict[str, str]  # a file per distinct label vocabulary (JSON), to name it in errors
     embeddings: set[bool] = field(default_factory=set)  # whether parts carry an embedding column
+    embedding_infos: dict[str, str] = field(default_factory=dict)  # what made them (JSON) -> a file of it
 
     @property
     def total(self) -> int:
         return sum(self.rows)
 
 
-def _footer(uri: str) -> tuple[int, set[str], str | None, bool]:
+def _footer(uri: str) -> tuple[int, set[str], str | None, str | None]:
     fs, path = storage.resolve(uri)
 
     def read():
@@ -64,8 +65,10 @@ def _footer(uri: str) -> tuple[int, set[str], str | None, bool]:
                                st.max if isinstance(st.max, str) else st.max.decode()})
     if "?" in models:
         models = set(pc.unique(pq.read_table(path, filesystem=fs, columns=["model"]).column("model")).to_pylist())
-    has_embedding = "embedding" in meta.schema.to_arrow_schema().names
-    return meta.num_rows, models, vocab.decode() if vocab else None, has_embedding
+    embedding = None
+    if "embedding" in meta.schema.to_arrow_schema().names:
+        embedding = ((meta.metadata or {}).get(EMBEDDING_KEY) or b"{}").decode()
+    return meta.num_rows, models, vocab.decode() if vocab else None, embedding
 
 
 def out_files(out: str) -> OutFiles:
@@ -79,11 +82,14 @@ def out_files(out: str) -> OutFiles:
         footers = list(pool.map(_footer, files))
     models: set[str] = set()
     vocabs: dict[str, str] = {}
-    for f, (_, m, v, _) in zip(files, footers):
+    infos: dict[str, str] = {}
+    for f, (_, m, v, e) in zip(files, footers):
         models |= m
         if v is not None:
             vocabs.setdefault(v, f)
-    return OutFiles(files, [r for r, *_ in footers], models, vocabs, {e for *_, e in footers})
+        if e is not None:
+            infos.setdefault(e, f)
+    return OutFiles(files, [r for r, *_ in footers], models, vocabs, {e is not None for *_, e in footers}, infos)
 
 
 def _bucket_of(ids: pa.Array, n: int) -> np.ndarray:
@@ -301,3 +307,33 @@ def choose_duplicates(out: OutFiles, records: list) -> dict[int, set[str]]:
             # a second row in the keeper's own part is deduplicated inside that part
             drop.setdefault(k, set()).update(() if k == keeper else (image_id,))
     return drop
+
+
+def embedding_parts(uri: str) -> tuple[OutFiles, dict]:
+    """The parts of a tag OUT written with ``--embeddings`` and what made their
+    embeddings (``model``, ``dim``, ``backbone_digest``). Refuses an OUT without
+    parts, with parts lacking embeddings, or with embeddings of two backbones."""
+    import json
+
+    state = out_files(uri)
+    if not state.files:
+        raise ValueError(f"{uri}: no Parquet parts; pass the --out of a `mlray tag --embeddings` run")
+    if False in state.embeddings:
+        raise ValueError(f"{uri}: parts without an embedding column; tag the images with --embeddings first")
+    infos = {k: json.loads(k) for k in state.embedding_infos}
+    digests = {i.get("backbone_digest") for i in infos.values()}
+    if len(digests) != 1 or None in digests:
+        named = "; ".join(f"{state.embedding_infos[k]}: {i}" for k, i in infos.items())
+        raise ValueError(f"{uri}: embeddings of more than one backbone, or of an unknown one ({named})")
+    return state, next(iter(infos.values()))
+
+
+def check_backbone(info: dict, digest: str, dim: int, source: str, model: str) -> None:
+    """Refuse to put ``model``'s head on embeddings another backbone made."""
+    if info.get("backbone_digest") != digest or int(info.get("dim", -1)) != dim:
+        raise ValueError(
+            f"{source} holds embeddings of backbone {info.get('backbone_digest')} (model {info.get('model')}, "
+            f"dim {info.get('dim')}); --model {model} has backbone {digest} (dim {dim}). Its head would score "
+            "features it never saw: use a run made from these embeddings (`mlray head`) or one with the same "
+            "backbone, or tag the images again with this model"
+        )
