@@ -78,16 +78,49 @@ def fmt_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def in_fresh_process(module: str, func: str, *args) -> float:
-    """Run a baseline in its own process with the same malloc settings mlray gives
-    its Ray workers (``mlray.runtime.WORKER_ENV``), so a ratio measures the
-    framework, not the allocator."""
+def in_fresh_process(module: str, func: str, *args):
+    """Run ``module.func(*args)`` in its own process and return its (JSON) result.
+
+    Every case of a benchmark runs this way, so nothing of an earlier case (a local
+    Ray, its idle workers, a DataLoader's processes) is alive while the next one is
+    timed; baselines get the malloc settings mlray gives its Ray workers
+    (``mlray.runtime.WORKER_ENV``), so a ratio measures the framework, not the
+    allocator."""
     import subprocess
     import sys
 
     from mlray.runtime import WORKER_ENV
 
-    code = f"import json, {module} as m; print(json.dumps(m.{func}(*{list(args)!r})))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, **WORKER_ENV})
-    return float(out.stdout.strip().splitlines()[-1])
+    code = f"import json, {module} as m; print('RESULT ' + json.dumps(m.{func}(*{list(args)!r})))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **WORKER_ENV, "RAY_AUTH_MODE": "disabled"})
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        raise RuntimeError(f"{module}.{func} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(line[-1][len("RESULT "):])
+
+
+def interleaved(cases: dict[str, tuple], rounds: int) -> dict[str, list]:
+    """Each case (``module, func, *args``) once per round, in order (A, B, A, B, ...),
+    each in a fresh process; the results per case, one per round. On a shared,
+    noisy machine a slow spell then hits every case alike instead of one."""
+    results: dict[str, list] = {name: [] for name in cases}
+    for r in range(rounds):
+        for name, (module, func, *args) in cases.items():
+            results[name].append(in_fresh_process(module, func, *args))
+            print(f"round {r + 1}/{rounds} {name}: {results[name][-1]}", flush=True)
+    return results
+
+
+def spread(values: list[float]) -> dict:
+    """Median and range of repeated measurements."""
+    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values)), "n": len(values)}
+
+
+def paired_ratio(ours: list[float], base: list[float]) -> dict:
+    """The ratio of each round's pair (interleaved runs), as median and range."""
+    return spread([a / b for a, b in zip(ours, base)])
+
+
+def fmt_spread(d: dict, digits: int = 1) -> str:
+    return f"{d['median']:,.{digits}f} ({d['min']:,.{digits}f}-{d['max']:,.{digits}f})"

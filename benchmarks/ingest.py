@@ -5,7 +5,10 @@ over the same Parquet with the same number of workers, and against the raw bound
 
 Data: 640x480 JPEGs of real photos (crops of scikit-learn's sample photos),
 packed in one Parquet manifest. All three decode with ``mlray.images.decode``
-to ``size``², then apply the training augmentation; each reports the median epoch after the first.
+to ``size``², then apply the training augmentation. Each case runs in its own
+process, interleaved with the others over ``--rounds`` rounds; a case's steady
+rate is its median epoch after the first, the first epoch (start-up included)
+is reported apart, and ratios are taken round by round (median and range).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import warnings
 import numpy as np
 import torch
 
-from benchmarks.common import OUT, fmt_table, record, steady_rate
+from benchmarks.common import OUT, fmt_spread, fmt_table, interleaved, paired_ratio, record, spread, steady_rate
 
 # The baseline wraps decoded (read-only) arrays without a copy, as a tuned loader would.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -61,11 +64,13 @@ def _augment(batch_uint8: torch.Tensor) -> torch.Tensor:
     return preprocess(batch_uint8, torch.device("cpu"), (0.5,) * 3, (0.5,) * 3, AugmentConfig())
 
 
-def mlray_stream(manifest: str, size: int, batch: int, epochs: int, augment: bool = True) -> float:
+def mlray_stream(manifest: str, size: int, batch: int, epochs: int, augment: bool = True) -> list[float]:
+    """Images/s of each epoch of the training stream (the first includes its start-up)."""
     from mlray.data import image_dataset, torch_collate
     from mlray.manifest import read_vocab
     from mlray.runtime import init_ray
 
+    torch.set_num_threads(1)  # augmentation is cheap; leave the cores to decoding
     init_ray()
     ds = image_dataset(manifest, "train", size=size, vocab=read_vocab(manifest), shuffle=True, decode_batch_size=128)
     rates = []
@@ -76,7 +81,7 @@ def mlray_stream(manifest: str, size: int, batch: int, epochs: int, augment: boo
                 _augment(b["image"])
             n += len(b["image"])
         rates.append(n / (time.perf_counter() - t))
-    return steady_rate(rates)
+    return rates
 
 
 class _ParquetImages(torch.utils.data.Dataset):
@@ -96,7 +101,9 @@ class _ParquetImages(torch.utils.data.Dataset):
         return torch.from_numpy(decode(self.blobs[i], self.size))
 
 
-def dataloader(manifest: str, size: int, batch: int, epochs: int, workers: int) -> float:
+def dataloader(manifest: str, size: int, batch: int, epochs: int, workers: int) -> list[float]:
+    """Images/s of each epoch of a tuned DataLoader (persistent workers, prefetch)."""
+    torch.set_num_threads(1)
     loader = torch.utils.data.DataLoader(
         _ParquetImages(manifest, size), batch_size=batch, shuffle=True, num_workers=workers,
         persistent_workers=True, prefetch_factor=4, drop_last=True,
@@ -108,7 +115,7 @@ def dataloader(manifest: str, size: int, batch: int, epochs: int, workers: int) 
             _augment(x)
             n += len(x)
         rates.append(n / (time.perf_counter() - t))
-    return steady_rate(rates)
+    return rates
 
 
 def _decode_chunk(args):
@@ -137,25 +144,33 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)  # augmentation is cheap; leave the cores to decoding
     workers = os.cpu_count() or 1
     manifest = photo_manifest(args.images)
-    raw = raw_bound(manifest, args.size, workers)
-    dl = dataloader(manifest, args.size, args.batch, args.epochs, workers)
-    ours = mlray_stream(manifest, args.size, args.batch, args.epochs)
-    decode_only = mlray_stream(manifest, args.size, args.batch, args.epochs, augment=False)
+    common = (manifest, args.size, args.batch, args.epochs)
+    res = interleaved({
+        "mlray": ("benchmarks.ingest", "mlray_stream", *common, True),
+        "dataloader": ("benchmarks.ingest", "dataloader", *common, workers),
+        "mlray_decode": ("benchmarks.ingest", "mlray_stream", *common, False),
+        "raw": ("benchmarks.ingest", "raw_bound", manifest, args.size, workers),
+    }, args.rounds)
+    steady = {k: [steady_rate(r) if isinstance(r, list) else r for r in v] for k, v in res.items()}
+    first = {k: [r[0] for r in v] for k, v in res.items() if isinstance(v[0], list)}
     rows = [
-        {"benchmark": "ingest: decode+resize+augment", "mlray_img_s": ours,
-         "baseline": f"torch DataLoader, {workers} workers, same decode and augment", "baseline_img_s": dl,
-         "ratio": ours / dl},
-        {"benchmark": "ingest: decode+resize", "mlray_img_s": decode_only,
-         "baseline": f"raw decode bound, {workers} processes, no framework", "baseline_img_s": raw,
-         "ratio": decode_only / raw},
+        {"benchmark": "ingest: decode+resize+augment", "mlray_img_s": spread(steady["mlray"]),
+         "baseline": f"torch DataLoader, {workers} workers, same decode and augment",
+         "baseline_img_s": spread(steady["dataloader"]), "ratio": paired_ratio(steady["mlray"], steady["dataloader"]),
+         "first_epoch_ratio": paired_ratio(first["mlray"], first["dataloader"])},
+        {"benchmark": "ingest: decode+resize", "mlray_img_s": spread(steady["mlray_decode"]),
+         "baseline": f"raw decode bound, {workers} processes, no framework", "baseline_img_s": spread(steady["raw"]),
+         "ratio": paired_ratio(steady["mlray_decode"], steady["raw"])},
     ]
     record("ingest", rows)
-    print(fmt_table(["mlray stream img/s", "baseline", "baseline img/s", "ratio"],
-                    [[r["mlray_img_s"], r["baseline"], r["baseline_img_s"], r["ratio"]] for r in rows]))
+    print(fmt_table(["benchmark", "mlray img/s", "baseline", "baseline img/s", "ratio (median, range)"],
+                    [[r["benchmark"], fmt_spread(r["mlray_img_s"]), r["baseline"], fmt_spread(r["baseline_img_s"]),
+                      fmt_spread(r["ratio"], 2)] for r in rows]))
+    print(f"first epoch (start-up included), mlray / DataLoader: {fmt_spread(rows[0]['first_epoch_ratio'], 2)}")
     return rows
 
 

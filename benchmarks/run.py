@@ -1,5 +1,7 @@
 """`make bench`: every benchmark, each against its baseline in the same run, then
-one table (also written to out/bench/results.md).
+one table (also written to out/bench/results.md). Every case runs in its own
+process, interleaved with its baseline over 3 rounds; values are medians with
+their range, ratios are taken round by round.
 
     python -m benchmarks.run [--skip-quality]
 
@@ -13,7 +15,7 @@ import argparse
 import os
 
 from benchmarks import ingest, quality, tag_throughput, train_throughput
-from benchmarks.common import OUT, fmt_table
+from benchmarks.common import OUT, fmt_spread, fmt_table
 
 
 def main() -> None:
@@ -22,11 +24,12 @@ def main() -> None:
     args = ap.parse_args()
     rows = ingest.main([]) + train_throughput.main([]) + tag_throughput.main([])
     table = fmt_table(
-        ["benchmark", "mlray", "baseline", "baseline value", "ratio"],
-        [[r["benchmark"], f"{r['mlray_img_s']:.1f} img/s", r["baseline"], f"{r['baseline_img_s']:.1f} img/s", r["ratio"]]
+        ["benchmark", "mlray (median, range)", "baseline", "baseline value", "ratio (median, range over rounds)"],
+        [[r["benchmark"], fmt_spread(r["mlray_img_s"]) + " img/s", r["baseline"],
+          fmt_spread(r["baseline_img_s"]) + " img/s", fmt_spread(r["ratio"], 2)]
          for r in rows if "mlray_img_s" in r]
-        + [[r["benchmark"], f"{r['peak_rss_10n_mb']:.0f} MB at {10 * r['images_n']} images",
-            f"same job at {r['images_n']} images", f"{r['peak_rss_n_mb']:.0f} MB", r["ratio"]]
+        + [[r["benchmark"], fmt_spread(r["peak_rss_10n_mb"], 0) + f" MB at {10 * r['images_n']} images",
+            f"same job at {r['images_n']} images", fmt_spread(r["peak_rss_n_mb"], 0) + " MB", fmt_spread(r["ratio"], 3)]
            for r in rows if "peak_rss_n_mb" in r],
     )
     print("\n" + table)

@@ -4,9 +4,13 @@ peak memory of the tagging job at N and 10xN images.
 
     python -m benchmarks.tag_throughput [--images 600] [--size 128]
 
-Memory is the peak of the summed RSS of every process of the job (driver, local
-Ray, decode tasks, model actor), sampled every 0.2 s; streaming end to end keeps
-the 10xN / N ratio near 1.
+Both run at N and 10xN images, interleaved (tag N, tag 10N, loop N, loop 10N,
+again) over ``--rounds`` rounds, each in a fresh process. Steady state is the
+extra images over the extra time (10N - N over t(10N) - t(N)), so start-up cancels
+out; start-up included is 10N over the whole process time, interpreter start to
+exit, for both. Memory is the peak of the summed RSS of every process of the job
+(driver, local Ray, decode tasks, model actor), sampled every 0.2 s; streaming
+end to end keeps the 10xN / N ratio near 1.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 import psutil
 import torch
 
-from benchmarks.common import OUT, fmt_table, in_fresh_process, mosaic_manifest, record
+from benchmarks.common import OUT, fmt_spread, fmt_table, interleaved, mosaic_manifest, paired_ratio, record, spread
 
 
 def trained_run(manifest: str, size: int) -> str:
@@ -58,7 +62,9 @@ def corpus(manifest: str, copies: int) -> str:
     return folder
 
 
-def plain_loop(run: str, folder: str, batch: int) -> float:
+def plain_loop(run: str, folder: str, batch: int) -> dict:
+    """A plain batched loop over the files: read, decode, score. Returns the loop's
+    seconds and the seconds since this process started (imports and model load in)."""
     from mlray.images import decode
     from mlray.inference import Predictor
 
@@ -69,12 +75,17 @@ def plain_loop(run: str, folder: str, batch: int) -> float:
     for i in range(0, len(files), batch):
         imgs = np.stack([decode(open(f, "rb").read(), p.size) for f in files[i : i + batch]])
         p.scores(imgs)
-    return len(files) / (time.perf_counter() - t)
+    loop_s = time.perf_counter() - t
+    return {"images": len(files), "loop_s": loop_s, "wall_s": time.time() - psutil.Process().create_time()}
 
 
-def tag_job(run: str, folder: str, out: str, batch: int) -> tuple[float, float]:
-    """Run ``mlray tag`` as its own process; returns (images/s, peak RSS bytes of its process tree)."""
+def tag_job(run: str, folder: str, out: str, batch: int) -> dict:
+    """``mlray tag`` as its own process: its wall-clock seconds (interpreter start to
+    exit), images written, and the peak summed RSS of its process tree."""
+    import json
+
     shutil.rmtree(out, ignore_errors=True)
+    t = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlray", "tag", "--model", run, "--input", folder, "--out", out,
          "--batch-size", str(batch)],
@@ -92,13 +103,13 @@ def tag_job(run: str, folder: str, out: str, batch: int) -> tuple[float, float]:
                 pass
         peak = max(peak, total)
         time.sleep(0.2)
+    wall = time.time() - t
     output = proc.stdout.read()
     if proc.returncode:
         raise RuntimeError(output[-3000:])
-    import json
-
     summary = json.load(open(os.path.join(out, "_summary.json")))
-    return summary["images_per_s"], peak
+    shutil.rmtree(out, ignore_errors=True)
+    return {"images": summary["rows_written"], "wall_s": wall, "peak": peak}
 
 
 def main(argv=None) -> list[dict]:
@@ -106,24 +117,46 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--images", type=int, default=600)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
     manifest = mosaic_manifest(args.images, args.size)
     run = trained_run(manifest, args.size)
     small, large = corpus(manifest, 1), corpus(manifest, 10)
-    _, mem_n = tag_job(run, small, os.path.join(OUT, "tags_n"), args.batch)
-    ours, mem_10n = tag_job(run, large, os.path.join(OUT, "tags_10n"), args.batch)
-    plain = in_fresh_process("benchmarks.tag_throughput", "plain_loop", run, large, args.batch)
+    n, n10 = args.images, 10 * args.images
+    res = interleaved({
+        "tag_n": ("benchmarks.tag_throughput", "tag_job", run, small, os.path.join(OUT, "tags_n"), args.batch),
+        "tag_10n": ("benchmarks.tag_throughput", "tag_job", run, large, os.path.join(OUT, "tags_10n"), args.batch),
+        "plain_n": ("benchmarks.tag_throughput", "plain_loop", run, small, args.batch),
+        "plain_10n": ("benchmarks.tag_throughput", "plain_loop", run, large, args.batch),
+    }, args.rounds)
+    for k, want in (("tag_n", n), ("tag_10n", n10), ("plain_n", n), ("plain_10n", n10)):
+        assert all(r["images"] == want for r in res[k]), (k, res[k])
+    # steady state: the extra images over the extra time, so every fixed cost cancels
+    tag_steady = [(n10 - n) / (b["wall_s"] - a["wall_s"]) for a, b in zip(res["tag_n"], res["tag_10n"])]
+    plain_steady = [(n10 - n) / (b["loop_s"] - a["loop_s"]) for a, b in zip(res["plain_n"], res["plain_10n"])]
+    tag_startup = [a["wall_s"] - n / s for a, s in zip(res["tag_n"], tag_steady)]
+    tag_all = [n10 / r["wall_s"] for r in res["tag_10n"]]
+    plain_all = [n10 / r["wall_s"] for r in res["plain_10n"]]
+    mem = [b["peak"] / a["peak"] for a, b in zip(res["tag_n"], res["tag_10n"])]
     rows = [
-        {"benchmark": f"tag ({10 * args.images} files, start-up included)", "mlray_img_s": ours,
+        {"benchmark": "tag, steady state", "mlray_img_s": spread(tag_steady),
          "baseline": "plain PyTorch batched loop, 1 process, same malloc settings",
-         "baseline_img_s": plain, "ratio": ours / plain},
-        {"benchmark": "tag memory", "peak_rss_n_mb": mem_n / 2**20, "peak_rss_10n_mb": mem_10n / 2**20,
-         "images_n": args.images, "ratio": mem_10n / mem_n},
+         "baseline_img_s": spread(plain_steady), "ratio": paired_ratio(tag_steady, plain_steady),
+         "mlray_startup_s": spread(tag_startup)},
+        {"benchmark": f"tag, {n10} files, start-up included", "mlray_img_s": spread(tag_all),
+         "baseline": "the same loop, process start to end", "baseline_img_s": spread(plain_all),
+         "ratio": paired_ratio(tag_all, plain_all)},
+        {"benchmark": "tag memory", "peak_rss_n_mb": spread([r["peak"] / 2**20 for r in res["tag_n"]]),
+         "peak_rss_10n_mb": spread([r["peak"] / 2**20 for r in res["tag_10n"]]), "images_n": n, "ratio": spread(mem)},
     ]
     record("tag", rows)
-    print(fmt_table(["mlray tag img/s", "plain loop img/s", "ratio"], [[ours, plain, ours / plain]]))
-    print(fmt_table([f"peak RSS at {args.images} (MB)", f"at {10 * args.images} (MB)", "ratio"],
-                    [[mem_n / 2**20, mem_10n / 2**20, mem_10n / mem_n]]))
+    print(fmt_table(["benchmark", "mlray img/s", "plain loop img/s", "ratio (median, range)"],
+                    [[r["benchmark"], fmt_spread(r["mlray_img_s"]), fmt_spread(r["baseline_img_s"]),
+                      fmt_spread(r["ratio"], 2)] for r in rows[:2]]))
+    print(f"mlray tag start-up (Ray, actor, model, listing): {fmt_spread(rows[0]['mlray_startup_s'])} s")
+    print(fmt_table([f"peak RSS at {n} (MB)", f"at {n10} (MB)", "ratio"],
+                    [[fmt_spread(rows[2]["peak_rss_n_mb"], 0), fmt_spread(rows[2]["peak_rss_10n_mb"], 0),
+                      fmt_spread(rows[2]["ratio"], 3)]]))
     return rows
 
 
