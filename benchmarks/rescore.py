@@ -59,6 +59,7 @@ def synthetic_source(n: int, run: str) -> str:
     import pyarrow.parquet as pq
 
     from mlray.inference import Predictor, score_schema
+    from mlray.tag import PARQUET_OPTIONS
 
     src = os.path.join(os.path.abspath(OUT), f"rescore_src_{n}")
     done = os.path.join(src, "_synthetic.json")
@@ -82,7 +83,7 @@ def synthetic_source(n: int, run: str) -> str:
             "model": pa.array([p.art.model_id] * m, pa.string()), "error": pa.nulls(m, pa.string()),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), DIM).cast(pa.list_(pa.float16())),
         }, schema=schema)
-        pq.write_table(table, os.path.join(src, f"part-synthetic-{k:06d}.parquet"), compression="zstd")
+        pq.write_table(table, os.path.join(src, f"part-synthetic-{k:06d}.parquet"), **PARQUET_OPTIONS)
     json.dump({"rows": n}, open(done, "w"))
     return src
 
@@ -94,12 +95,15 @@ def plain_loop(run: str, src: str, out: str) -> None:
     import pyarrow.parquet as pq
 
     from mlray.inference import EmbeddingScores
+    from mlray.tag import PARQUET_OPTIONS
 
-    scorer = EmbeddingScores(run)
+    from mlray.inference import Predictor
+
+    scorer = EmbeddingScores.from_predictor(Predictor.load(run, "cpu"))
     os.makedirs(out, exist_ok=True)
     for k, f in enumerate(sorted(glob.glob(os.path.join(src, "*.parquet")))):
         t = pq.read_table(f, columns=["image_id", "uri", "embedding", "error"])
-        pq.write_table(scorer(t), os.path.join(out, f"part-{k:06d}.parquet"), compression="zstd")
+        pq.write_table(scorer(t), os.path.join(out, f"part-{k:06d}.parquet"), **PARQUET_OPTIONS)
 
 
 def one_case(kind: str, run: str, src: str, out: str) -> dict:

@@ -234,22 +234,29 @@ def score_dataset(
 
 
 class EmbeddingScores:
-    """Ray Data UDF: rows of a tag output with embeddings in, the tagging contract's
-    rows of another head out (``mlray tag --from-embeddings``). No image is read:
-    the head is a matrix product. Error rows pass through with their error."""
+    """Rows of a tag output with embeddings in, the tagging contract's rows of another
+    head out (``mlray tag --from-embeddings``). No image is read: the head is a
+    matrix product, so this is a plain task function (``score_embedding_rows``)
+    that Ray Data fuses with the read and the write, and the embeddings never
+    pass through the object store. Error rows pass through with their error."""
 
-    def __init__(self, directory: str, *, threshold: float | None = None, top_k: int | None = None,
+    def __init__(self, weight: np.ndarray, bias: np.ndarray, policy, vocab: Sequence[str], model_id: str, *,
                  keep_embeddings: bool = False, progress=None):
-        self.progress = progress
-        predictor = Predictor(load_artifacts(directory), "cpu")
-        fc = predictor.model.get_classifier()
-        self.weight = fc.weight.detach().float().numpy().T.copy()  # (D, C)
-        self.bias = fc.bias.detach().float().numpy()
-        self.dim = predictor.embedding_dim
-        self.policy = _policy(predictor, threshold, top_k)
-        self.vocab_array = pa.array(predictor.vocab, pa.string())
-        self.model_id = predictor.art.model_id
+        self.weight = np.ascontiguousarray(weight, np.float32)  # (D, C)
+        self.bias = np.asarray(bias, np.float32)
+        self.dim = self.weight.shape[0]
+        self.policy = policy
+        self.vocab = list(vocab)
+        self.model_id = model_id
         self.keep_embeddings = keep_embeddings
+        self.progress = progress  # a mlray.progress counter actor, told the rows of each batch
+
+    @classmethod
+    def from_predictor(cls, predictor: Predictor, *, threshold: float | None = None, top_k: int | None = None,
+                       **kw) -> "EmbeddingScores":
+        fc = predictor.model.get_classifier()
+        return cls(fc.weight.detach().float().cpu().numpy().T, fc.bias.detach().float().cpu().numpy(),
+                   _policy(predictor, threshold, top_k), predictor.vocab, predictor.art.model_id, **kw)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         emb = batch.column("embedding").combine_chunks()
@@ -261,7 +268,7 @@ class EmbeddingScores:
         cols = {
             "image_id": batch.column("image_id"),
             "uri": batch.column("uri") if "uri" in batch.column_names else pa.nulls(n, pa.string()),
-            **score_columns(scores, self.policy, self.vocab_array, ok),
+            **score_columns(scores, self.policy, pa.array(self.vocab, pa.string()), ok),
             "model": pa.array([self.model_id] * n, pa.string()),
             "error": batch.column("error"),
         }
@@ -270,3 +277,8 @@ class EmbeddingScores:
         if self.progress is not None:
             self.progress.add.remote(n)
         return pa.table(cols)
+
+
+def score_embedding_rows(batch: pa.Table, scorer: EmbeddingScores) -> pa.Table:
+    """Ray Data task function around ``EmbeddingScores`` (tasks fuse with the read)."""
+    return scorer(batch)
