@@ -79,7 +79,7 @@ def plain_loop(run: str, folder: str, batch: int) -> dict:
     return {"images": len(files), "loop_s": loop_s, "wall_s": time.time() - psutil.Process().create_time()}
 
 
-def tag_job(run: str, folder: str, out: str, batch: int) -> dict:
+def tag_job(run: str, folder: str, out: str, batch: int, decode: str = "cpu") -> dict:
     """``mlray tag`` as its own process: its wall-clock seconds (interpreter start to
     exit), images written, and the peak summed RSS of its process tree."""
     import json
@@ -88,7 +88,7 @@ def tag_job(run: str, folder: str, out: str, batch: int) -> dict:
     t = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlray", "tag", "--model", run, "--input", folder, "--out", out,
-         "--batch-size", str(batch)],
+         "--batch-size", str(batch), "--decode", decode],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env=dict(os.environ, RAY_AUTH_MODE="disabled"),
     )
@@ -128,8 +128,11 @@ def main(argv=None) -> list[dict]:
         "tag_10n": ("benchmarks.tag_throughput", "tag_job", run, large, os.path.join(OUT, "tags_10n"), args.batch),
         "plain_n": ("benchmarks.tag_throughput", "plain_loop", run, small, args.batch),
         "plain_10n": ("benchmarks.tag_throughput", "plain_loop", run, large, args.batch),
+        "dev_n": ("benchmarks.tag_throughput", "tag_job", run, small, os.path.join(OUT, "tags_n"), args.batch, "device"),
+        "dev_10n": ("benchmarks.tag_throughput", "tag_job", run, large, os.path.join(OUT, "tags_10n"), args.batch,
+                    "device"),
     }, args.rounds)
-    for k, want in (("tag_n", n), ("tag_10n", n10), ("plain_n", n), ("plain_10n", n10)):
+    for k, want in (("tag_n", n), ("tag_10n", n10), ("plain_n", n), ("plain_10n", n10), ("dev_n", n), ("dev_10n", n10)):
         assert all(r["images"] == want for r in res[k]), (k, res[k])
     # steady state: the extra images over the extra time, so every fixed cost cancels
     tag_steady = [(n10 - n) / (b["wall_s"] - a["wall_s"]) for a, b in zip(res["tag_n"], res["tag_10n"])]
@@ -138,6 +141,7 @@ def main(argv=None) -> list[dict]:
     tag_all = [n10 / r["wall_s"] for r in res["tag_10n"]]
     plain_all = [n10 / r["wall_s"] for r in res["plain_10n"]]
     mem = [b["peak"] / a["peak"] for a, b in zip(res["tag_n"], res["tag_10n"])]
+    dev_steady = [(n10 - n) / (b["wall_s"] - a["wall_s"]) for a, b in zip(res["dev_n"], res["dev_10n"])]
     rows = [
         {"benchmark": "tag, steady state", "mlray_img_s": spread(tag_steady),
          "baseline": "plain PyTorch batched loop, 1 process, same malloc settings",
@@ -146,17 +150,20 @@ def main(argv=None) -> list[dict]:
         {"benchmark": f"tag, {n10} files, start-up included", "mlray_img_s": spread(tag_all),
          "baseline": "the same loop, process start to end", "baseline_img_s": spread(plain_all),
          "ratio": paired_ratio(tag_all, plain_all)},
+        {"benchmark": "tag --decode device (in the actor), steady state", "mlray_img_s": spread(dev_steady),
+         "baseline": "tag --decode cpu (in CPU tasks), steady state", "baseline_img_s": spread(tag_steady),
+         "ratio": paired_ratio(dev_steady, tag_steady)},
         {"benchmark": "tag memory", "peak_rss_n_mb": spread([r["peak"] / 2**20 for r in res["tag_n"]]),
          "peak_rss_10n_mb": spread([r["peak"] / 2**20 for r in res["tag_10n"]]), "images_n": n, "ratio": spread(mem)},
     ]
     record("tag", rows)
     print(fmt_table(["benchmark", "mlray img/s", "plain loop img/s", "ratio (median, range)"],
                     [[r["benchmark"], fmt_spread(r["mlray_img_s"]), fmt_spread(r["baseline_img_s"]),
-                      fmt_spread(r["ratio"], 2)] for r in rows[:2]]))
+                      fmt_spread(r["ratio"], 2)] for r in rows[:3]]))
     print(f"mlray tag start-up (Ray, actor, model, listing): {fmt_spread(rows[0]['mlray_startup_s'])} s")
     print(fmt_table([f"peak RSS at {n} (MB)", f"at {n10} (MB)", "ratio"],
-                    [[fmt_spread(rows[2]["peak_rss_n_mb"], 0), fmt_spread(rows[2]["peak_rss_10n_mb"], 0),
-                      fmt_spread(rows[2]["ratio"], 3)]]))
+                    [[fmt_spread(rows[3]["peak_rss_n_mb"], 0), fmt_spread(rows[3]["peak_rss_10n_mb"], 0),
+                      fmt_spread(rows[3]["ratio"], 3)]]))
     return rows
 
 

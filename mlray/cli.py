@@ -118,6 +118,7 @@ def _tag(args: argparse.Namespace) -> int:
         rows_per_file=args.rows_per_file, decode_batch_size=args.decode_batch_size,
         fetch_concurrency=args.fetch_concurrency, wait=args.wait, allow_model_change=args.allow_model_change,
         retry_errors=args.retry_errors, embeddings=args.embeddings, from_embeddings=bool(args.from_embeddings),
+        decode=args.decode,
     )
     summary = tag(args.model, args.from_embeddings or args.input, args.out, opts)
     print(summary.format())
@@ -211,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--allow-model-change", action="store_true",
                     help="add rows of this model to an OUT that holds another model's or vocabulary's rows")
     tg.add_argument("--retry-errors", action="store_true", help="tag again the rows whose error was missing:")
+    tg.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"],
+                    help="where images are decoded: cpu (CPU tasks), device (in the scoring actor: nvJPEG on its "
+                    "GPU, a thread pool on CPU), auto (device with --num-gpus, else cpu)")
     tg.add_argument("--embeddings", action="store_true",
                     help="add an embedding column: the pooled features that feed the head (float16)")
     tg.set_defaults(func=_tag)

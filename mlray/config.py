@@ -48,6 +48,10 @@ class DataConfig(_Section):
         "manifests stored in source order, off when rows are stored shuffled), 0 = off",
     )
     max_error_fraction: float = Field(0.01, ge=0, le=1, description="undecodable images tolerated before failing")
+    decode: Literal["auto", "cpu", "device"] = Field(
+        "auto", description="where images are decoded: cpu (Ray Data tasks), device (the training worker: nvJPEG "
+        "on its GPU, a thread pool on CPU; bytes, not pixels, cross the object store), auto (device with GPUs)",
+    )
     augment: AugmentConfig = AugmentConfig()
 
 

@@ -39,6 +39,41 @@ def _string_array(values: Sequence[str | None]) -> np.ndarray:
     return np.array(["" if v is None else v for v in values], dtype=object)
 
 
+def _fetch(batch: pa.Table, fetch_concurrency: int) -> tuple[list, list[str | None]]:
+    """Each row's encoded bytes (packed, or fetched by URI) and fetch error (None when fetched)."""
+    if "image" in batch.column_names and batch.column("image").null_count < batch.num_rows:
+        data: list = batch.column("image").to_pylist()
+    else:
+        data = [None] * batch.num_rows
+    errors: list[str | None] = [None] * batch.num_rows
+    if "uri" in batch.column_names:
+        uris = batch.column("uri").to_pylist()
+        todo = [i for i, d in enumerate(data) if d is None and uris[i] is not None]
+        for i, got in zip(todo, storage.fetch_many([uris[i] for i in todo], fetch_concurrency)):
+            if isinstance(got, Exception):
+                reason = RETRYABLE if storage.is_transient(got) else "missing"
+                errors[i] = f"{reason}: {got}"
+            else:
+                data[i] = got
+    return data, errors
+
+
+def fetch_rows(batch: pa.Table, *, fetch_concurrency: int = 16, keep: Sequence[str] = ("image_id",),
+               vocab: Sequence[str] | None = None) -> pa.Table:
+    """One Ray Data batch, fetched but not decoded (decode ``device``): ``encoded``
+    bytes (null where the fetch failed), ``error`` ("" when fetched), ``keep``, and
+    ``target`` (N, C) uint8 when ``vocab`` is given."""
+    data, errors = _fetch(batch, fetch_concurrency)
+    cols = {"encoded": pa.array(data, pa.binary()), "error": pa.array(["" if e is None else e for e in errors])}
+    for name in keep:
+        cols[name] = pa.array(_string_array(batch.column(name).to_pylist()), pa.string())
+    if vocab is not None:
+        from ray.data.extensions import ArrowTensorArray
+
+        cols["target"] = ArrowTensorArray.from_numpy(multi_hot(batch.column("labels"), vocab))
+    return pa.table(cols)
+
+
 def decode_rows(
     batch: pa.Table,
     *,
@@ -53,20 +88,7 @@ def decode_rows(
     Returns ``image`` (N, size, size, 3) uint8, ``error`` ("" when decoded), the
     ``keep`` columns, and ``target`` (N, C) uint8 when ``vocab`` is given.
     """
-    if "image" in batch.column_names and batch.column("image").null_count < batch.num_rows:
-        data: list = batch.column("image").to_pylist()
-    else:
-        data = [None] * batch.num_rows
-    errors_fetch: list[str | None] = [None] * batch.num_rows
-    if "uri" in batch.column_names:
-        uris = batch.column("uri").to_pylist()
-        todo = [i for i, d in enumerate(data) if d is None and uris[i] is not None]
-        for i, got in zip(todo, storage.fetch_many([uris[i] for i in todo], fetch_concurrency)):
-            if isinstance(got, Exception):
-                reason = RETRYABLE if storage.is_transient(got) else "missing"
-                errors_fetch[i] = f"{reason}: {got}"
-            else:
-                data[i] = got
+    data, errors_fetch = _fetch(batch, fetch_concurrency)
     images, errors = decode_many(data, size, max_pixels=max_pixels)
     errors = [f or e for f, e in zip(errors_fetch, errors)]
     out = {"image": images, "error": _string_array(errors)}
@@ -133,11 +155,19 @@ def decode_dataset(
     keep: Sequence[str] = ("image_id",),
     decode_num_cpus: float = 1.0,
     reblock: bool = True,
+    decode: str = "cpu",
 ):
     """Fetch and decode the rows of any dataset with ``image_id``, ``uri`` and
-    optionally ``image`` columns (a manifest, or a listing of image files)."""
+    optionally ``image`` columns (a manifest, or a listing of image files). With
+    ``decode="device"`` the rows are fetched only: the consumer decodes the
+    ``encoded`` bytes next to its model (``mlray.device_decode``)."""
     if reblock:  # pass False when the blocks already hold ``decode_batch_size`` rows
         ds = ds.repartition(target_num_rows_per_block=decode_batch_size)
+    if decode == "device":
+        return ds.map_batches(
+            fetch_rows, batch_size=decode_batch_size, batch_format="pyarrow", num_cpus=decode_num_cpus,
+            fn_kwargs={"fetch_concurrency": fetch_concurrency, "keep": tuple(keep), "vocab": vocab},
+        )
     return ds.map_batches(
         decode_rows,
         batch_size=decode_batch_size,

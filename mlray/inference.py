@@ -165,8 +165,11 @@ class ScoreBatches:
     def __init__(
         self, directory: str, *, threshold: float | None = None, top_k: int | None = None,
         with_targets: bool = False, torch_threads: int | None = None, progress=None, embeddings: bool = False,
+        decode_threads: int = 2,
     ):
         self.torch_threads = torch_threads
+        self.decoder = None  # made at the first batch of encoded bytes
+        self.decode_threads = decode_threads
         self.progress = progress  # a mlray.progress counter actor, told the rows of each batch
         self.embeddings = embeddings
         self.predictor = Predictor.load(directory)
@@ -180,10 +183,21 @@ class ScoreBatches:
             # Ray Data calls this from its own thread, whose OpenMP team size comes
             # from OMP_NUM_THREADS (1 for fractional-CPU actors), not from __init__.
             torch.set_num_threads(self.torch_threads)
-        errors = batch["error"]
-        ok = np.array([e == "" for e in errors], dtype=bool)
+        if "encoded" in batch:  # --decode device: the bytes are decoded here, next to the model
+            if self.decoder is None:
+                from mlray.device_decode import Decoder
+
+                self.decoder = Decoder(self.predictor.size, self.predictor.device, threads=self.decode_threads)
+            images, errs = self.decoder(list(batch["encoded"]), list(batch["error"]))
+            errors = np.array(errs, dtype=object)
+            ok = np.array([e == "" for e in errors], dtype=bool)
+            images = images[torch.from_numpy(ok).to(images.device)]
+        else:
+            errors = batch["error"]
+            ok = np.array([e == "" for e in errors], dtype=bool)
+            images = batch["image"][ok]
         n = len(errors)
-        scores, feats = self.predictor.scores_and_embeddings(batch["image"][ok], embeddings=self.embeddings)
+        scores, feats = self.predictor.scores_and_embeddings(images, embeddings=self.embeddings)
         cols = {
             "image_id": pa.array(batch["image_id"].tolist(), pa.string()),
             "uri": pa.array([u or None for u in batch["uri"].tolist()], pa.string()) if "uri" in batch else pa.nulls(n, pa.string()),
@@ -192,7 +206,7 @@ class ScoreBatches:
             "error": pa.array([None if e == "" else e for e in errors], pa.string()),
         }
         for k, v in batch.items():  # other id-like columns pass through (e.g. split)
-            if k not in cols and k not in ("image", "target") and v.dtype == object:
+            if k not in cols and k not in ("image", "target", "encoded") and v.dtype == object:
                 cols[k] = pa.array([x or None for x in v.tolist()], pa.string())
         if self.embeddings:
             cols["embedding"] = rows_of(feats, ok, pa.float16())
@@ -208,8 +222,9 @@ def score_dataset(
     actor_cpus: float | None = None, threshold: float | None = None, top_k: int | None = None,
     with_targets: bool = False, progress=None, embeddings: bool = False,
 ):
-    """Append the actor pool that scores decoded rows (``image``, ``error``, ids);
-    ``progress`` (a ``mlray.progress.counter``) is told the rows of every batch."""
+    """Append the actor pool that scores rows: decoded (``image``) or encoded
+    (``encoded``: decoded in the actor), with ``error`` and ids; ``progress`` (a
+    ``mlray.progress.counter``) is told the rows of every batch."""
     from ray.data import ActorPoolStrategy
 
     from mlray.runtime import worker_runtime_env
@@ -222,6 +237,7 @@ def score_dataset(
         fn_constructor_kwargs={
             "threshold": threshold, "top_k": top_k, "with_targets": with_targets, "torch_threads": threads,
             "progress": progress, "embeddings": embeddings,
+            "decode_threads": 4 if num_gpus else max(1, int(os.cpu_count() or 1)),
         },
         batch_size=batch_size,
         batch_format="numpy",

@@ -75,6 +75,7 @@ class TagOptions:
     lease_ttl: float = 120.0  # seconds a lease lives without renewal (renewed every third of it)
     embeddings: bool = False  # add the pooled features that feed the head (list<float16>) per scored row
     from_embeddings: bool = False  # the input is a tag OUT with embeddings: rescore them, read no image
+    decode: str = "auto"  # cpu: in CPU tasks; device: in the scoring actor (nvJPEG on its GPU); auto: by hardware
 
 
 @dataclass
@@ -244,6 +245,10 @@ def check_options(opts: TagOptions) -> None:
         raise TagError(f"--threshold {opts.threshold}: must be between 0 and 1 (a probability)")
     if opts.threshold is not None and opts.top_k is not None:
         raise TagError("--threshold and --top-k choose labels two different ways; pass one of them")
+    from mlray.device_decode import DECODE_MODES
+
+    if opts.decode not in DECODE_MODES:
+        raise TagError(f"--decode {opts.decode}: choose one of {', '.join(DECODE_MODES)}")
 
 
 def check_out(out: str) -> None:
@@ -426,10 +431,12 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
         else:
             ds = ray.data.from_arrow([listing.slice(i, opts.decode_batch_size)
                                       for i in range(0, listing.num_rows, opts.decode_batch_size)])
+        from mlray.device_decode import resolve_mode
+
         ds = decode_dataset(
             ds, size=art.config.data.image_size, vocab=None, decode_batch_size=opts.decode_batch_size,
             fetch_concurrency=opts.fetch_concurrency, keep=("image_id", "uri"),
-            reblock=manifest or rows_from_plan,
+            reblock=manifest or rows_from_plan, decode=resolve_mode(opts.decode, opts.num_gpus),
         )
         progress = counter()
         ds = score_dataset(

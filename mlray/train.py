@@ -141,9 +141,12 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
         )
     init_ray()
     rundir.write_run_files(directory, cfg, info.vocab, info.train_positives, info.n_train)
+    from mlray.device_decode import resolve_mode
+
     common = dict(
         size=cfg.data.image_size, vocab=info.vocab, decode_batch_size=cfg.data.decode_batch_size,
         fetch_concurrency=cfg.data.fetch_concurrency, decode_num_cpus=cfg.data.decode_cpus,
+        decode=resolve_mode(cfg.data.decode, 1 if cfg.scaling.use_gpu else 0),
     )
     datasets = {
         "train": image_dataset(cfg.data.manifest, cfg.data.train_split, shuffle=True, seed=cfg.optim.seed, **common),
@@ -244,7 +247,7 @@ def _error_rows(batch: dict) -> list[tuple[str, str]]:
     return [(i, e) for i, e in zip(batch["image_id"], batch["error"]) if e]
 
 
-def _batches(iterator, dist: _Dist, skipped_errors: list, *, batch_size: int, **kw):
+def _batches(iterator, dist: _Dist, skipped_errors: list, *, batch_size: int, decoded=lambda b: b, **kw):
     """Yield full batches while *every* worker still has one.
 
     Rows that are not trained on (the short last batch, and what a worker has
@@ -258,7 +261,7 @@ def _batches(iterator, dist: _Dist, skipped_errors: list, *, batch_size: int, **
         full = batch is not None and len(batch["image_id"]) == batch_size
         if not dist.all_have(full):
             for rest in ([batch] if batch is not None else []) + list(it):
-                skipped_errors += _error_rows(rest)
+                skipped_errors += _error_rows(decoded(rest))
             return
         yield batch
 
@@ -335,6 +338,21 @@ class Recipe:
                  + (" with loss scaling (this GPU has no bf16)" if self.scaler else ""))
         self.phase = None
         self.ddp = None
+        self.decoder = None  # made at the first batch of encoded bytes (data.decode device)
+
+    def decoded(self, batch: dict) -> dict:
+        """A batch with ``image`` on this worker's device: batches of encoded bytes
+        (data.decode device) are decoded here, nvJPEG on a GPU; others pass as they are."""
+        if "encoded" not in batch:
+            return batch
+        if self.decoder is None:
+            from mlray.device_decode import Decoder
+
+            threads = 4 if self.device.type == "cuda" else max(1, torch.get_num_threads())
+            self.decoder = Decoder(self.cfg.data.image_size, self.device, threads=threads)
+        images, errors = self.decoder(list(batch["encoded"]), list(batch["error"]))
+        return {**{k: v for k, v in batch.items() if k != "encoded"}, "image": images,
+                "error": np.array(errors, dtype=object)}
 
     # ---- setup
     def setup(self, checkpoint_dir: str | None = None) -> None:
@@ -436,10 +454,11 @@ class Recipe:
             waited = time.time() - t_ready
             st.first_wait = waited if st.batches == 0 else st.first_wait
             st.wait += waited
+            batch = self.decoded(batch)
             ok = np.array([e == "" for e in batch["error"]])
             st.bad += _error_rows(batch)
             keep = torch.from_numpy(ok) if ok.any() else torch.ones(len(ok), dtype=torch.bool)
-            x = preprocess(batch["image"][keep], self.device, self.mean, self.std, cfg.data.augment)
+            x = preprocess(batch["image"][keep.to(batch["image"].device)], self.device, self.mean, self.std, cfg.data.augment)
             y = to_device(batch["target"][keep], self.device).float()
             last = (micro + 1) % accumulate == 0
             sync = contextlib.nullcontext() if (last or self.dist.world == 1) else self.ddp.no_sync()
@@ -478,12 +497,13 @@ class Recipe:
         loss_sum = 0.0
         with torch.inference_mode():
             for batch in batches:
+                batch = self.decoded(batch)
                 ok = np.array([e == "" for e in batch["error"]])
                 bad += _error_rows(batch)
                 if not ok.any():
                     continue
                 sel = torch.from_numpy(ok)
-                x = preprocess(batch["image"][sel], self.device, self.mean, self.std)
+                x = preprocess(batch["image"][sel.to(batch["image"].device)], self.device, self.mean, self.std)
                 y = batch["target"][sel]
                 with self.autocast():
                     logits = model(x).float()
@@ -641,6 +661,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         stats = recipe.train_epoch(epoch, _batches(
             train_shard, dist, skipped, batch_size=cfg.data.batch_size,
             local_shuffle_buffer_size=loop_cfg["shuffle_buffer_rows"], prefetch_batches=cfg.data.prefetch_batches,
+            decoded=recipe.decoded,
         ))
         stats.bad += skipped
         val = recipe.validate(val_shard.iter_torch_batches(

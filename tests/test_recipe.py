@@ -81,3 +81,31 @@ def test_mixed_precision_is_chosen_by_what_the_gpu_supports_and_gpus_are_whole()
     with pytest.raises(ConfigError, match=r"scaling\.gpus_per_worker=0\.5"):
         build_config({**base, "scaling": {"use_gpu": True, "gpus_per_worker": 0.5}})
     assert build_config({**base, "scaling": {"use_gpu": True, "gpus_per_worker": 1}}).scaling.gpus_per_worker == 1
+
+
+def test_encoded_batches_decode_on_the_worker_like_decoded_ones():
+    """data.decode=device: batches carry encoded bytes and the worker decodes them
+    (nvJPEG on a GPU, the same Pillow decoder here). Lossless PNGs of the images
+    of decoded batches train to the same loss; bad bytes become counted error rows."""
+    import io
+
+    from PIL import Image
+
+    def encoded(batch, bad=()):
+        blobs = []
+        for j, img in enumerate(batch["image"].numpy()):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG")
+            blobs.append(b"not an image" if j in bad else buf.getvalue())
+        return {**{k: v for k, v in batch.items() if k != "image"}, "encoded": np.array(blobs, dtype=object)}
+
+    plain = [_batch(i) for i in range(3)]
+    st_a = _recipe().train_epoch(0, plain)  # each recipe seeds torch in setup: build one, train it, then the next
+    b = _recipe()
+    st_b = b.train_epoch(0, [encoded(x) for x in plain])
+    assert st_a.seen == st_b.seen == 12 and abs(st_a.loss_sum - st_b.loss_sum) < 1e-5
+    out = b.decoded(encoded(_batch(7), bad=(1,)))
+    assert torch.equal(out["image"][0], _batch(7)["image"][0])
+    assert out["error"][1].startswith("not_an_image") and out["error"][0] == ""
+    st = b.train_epoch(1, [encoded(_batch(8), bad=(2,))])
+    assert st.seen == 3 and [i for i, _ in st.bad] == ["b8_2"]

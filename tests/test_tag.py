@@ -75,6 +75,15 @@ def test_tag_prefix_on_s3_with_bad_and_odd_images(trained_run, corpus, s3_server
         assert len(s) == len(vocab)
         expected = {vocab[j] for j in np.flatnonzero(s >= th)} or {vocab[int(np.argmax(s))]}
         assert set(row["labels"]) == expected, image_id
+    # --decode device: the tasks ship bytes, the scoring actor decodes (a thread pool
+    # here, nvJPEG on a GPU); the same error rows, odd formats and scores
+    out2 = prefix.replace("/all", "/tags-device")
+    assert tag(run, prefix + "/", out2, TagOptions(rows_per_file=100, decode="device")).rows_in_out == n_in
+    for r in _read_out(s3_server, out2).to_pylist():
+        cpu = rows[r["image_id"]]
+        assert (r["error"] or "").split(":")[0] == (cpu["error"] or "").split(":")[0], r["image_id"]
+        if cpu["scores"] is not None:
+            assert np.allclose(r["scores"], cpu["scores"], atol=1e-5) and r["labels"] == cpu["labels"], r["image_id"]
 
 
 def test_scores_match_a_plain_pytorch_loop(trained_run, corpus, local_ray, tmp_path):
