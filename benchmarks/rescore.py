@@ -13,8 +13,10 @@ rows (cached under out/bench). Each case runs in a fresh process:
 * plain loop: read each part with pyarrow, one matrix product, sigmoid, thresholds,
   write a Parquet part; one process, nothing else (the floor of the work).
 
-Peak memory is the largest sampled sum of RSS over the process and all its
-children (Ray's workers included), and the driver's own peak. Cases are
+Peak memory is the largest sampled sum of PSS (resident memory, pages shared
+between processes such as Ray's object store split among them, so counted once)
+over the process and all its children (Ray's workers included), and the
+driver's own peak RSS. Cases are
 interleaved (mlray and loop at each size, every round); medians and ranges.
 """
 
@@ -44,11 +46,11 @@ def _sample():
         total = 0
         for p in [me, *me.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                total += p.memory_full_info().pss  # shared pages (the object store) counted once
             except psutil.Error:
                 pass
         _peak[0] = max(_peak[0], total)
-        time.sleep(0.2)
+        time.sleep(0.5)
 threading.Thread(target=_sample, daemon=True).start()
 '''
 

@@ -295,6 +295,25 @@ class EmbeddingScores:
         return pa.table(cols)
 
 
-def score_embedding_rows(batch: pa.Table, scorer: EmbeddingScores) -> pa.Table:
-    """Ray Data task function around ``EmbeddingScores`` (tasks fuse with the read)."""
-    return scorer(batch)
+def score_embedding_rows(batch: pa.Table, scorer: EmbeddingScores, new_refs: list | None = None) -> pa.Table:
+    """Ray Data task: the source parts named in ``batch["uri"]`` read, filtered to the
+    rows the plan found new (``new_refs``; all rows when None), and scored."""
+    import pyarrow.parquet as pq
+
+    from mlray.tag_plan import keep_new
+
+    out = []
+    for uri in batch.column("uri").to_pylist():
+        fs, path = storage.resolve(uri)
+        t = storage.retrying(
+            lambda: pq.read_table(path, filesystem=fs, columns=["image_id", "uri", "embedding", "error"]), uri)
+        if new_refs is not None:
+            t = keep_new(t, new_refs)
+        if t.num_rows:
+            out.append(scorer(t))
+    return pa.concat_tables(out) if out else scorer(_empty_source())
+
+
+def _empty_source() -> pa.Table:
+    return pa.table({"image_id": pa.array([], pa.string()), "uri": pa.array([], pa.string()),
+                     "embedding": pa.array([], pa.list_(pa.float16())), "error": pa.array([], pa.string())})

@@ -372,8 +372,10 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
         )
     manifest = opts.from_embeddings or _is_manifest(input_uri)
     listing = manifest_parts = None
+    source = None
     if opts.from_embeddings:  # the source's parts are read like a packed manifest's: ids first, rows when new
-        manifest_parts = tag_plan.out_files(input_uri).files
+        source = tag_plan.out_files(input_uri)
+        manifest_parts = source.files
         packed, columns = True, ["image_id"]
     elif manifest:
         manifest_parts = manifest_files(input_uri)
@@ -388,8 +390,13 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
     # input row is new, and the input is read as it is (a 100M-row first run
     # would otherwise park its whole listing in the object store).
     rows_from_plan = bool(state.total) and not packed
-    work = tag_plan.plan(state, listing=listing, manifest_parts=manifest_parts, input_columns=columns,
-                         retry_errors=opts.retry_errors, keep_rows=rows_from_plan)
+    if source is not None and not state.total:
+        # a first rescore: every source row is new, and the source is a tag output,
+        # whose ids its own runs keep unique; its footers count the rows
+        work = tag_plan.Plan(rows_in=source.total, input_duplicates=0, skipped=0, new=source.total)
+    else:
+        work = tag_plan.plan(state, listing=listing, manifest_parts=manifest_parts, input_columns=columns,
+                             retry_errors=opts.retry_errors, keep_rows=rows_from_plan)
     if work.rows_in == 0:
         raise TagError(f"--input {input_uri}: no rows")
     if work.input_duplicates:
@@ -411,13 +418,13 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
     if work.new and opts.from_embeddings:
         from mlray.inference import score_embedding_rows
 
-        ds = read_manifest_dataset(input_uri, None, ["image_id", "uri", "embedding", "error"])
-        if state.total:
-            ds = ds.map_batches(tag_plan.keep_new, batch_format="pyarrow", fn_kwargs={"new_refs": work.new_refs})
         progress = counter()
         scorer.progress = progress
-        ds = ds.map_batches(score_embedding_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-                            fn_kwargs={"scorer": scorer})
+        # one task per source part: read, keep the new rows, score; no listing
+        # step and no block of embeddings in the object store
+        ds = ray.data.from_items([{"uri": f} for f in source.files], override_num_blocks=len(source.files))
+        ds = ds.map_batches(score_embedding_rows, batch_format="pyarrow", batch_size=1,
+                            fn_kwargs={"scorer": scorer, "new_refs": work.new_refs if state.total else None})
         _write(ds, sink, progress, work.new)
     elif work.new:
         if rows_from_plan:
