@@ -96,7 +96,7 @@ def plain_loop(run: str, src: str, out: str) -> None:
 
     import pyarrow.parquet as pq
 
-    from mlray.inference import EmbeddingScores
+    from mlray.rescore import EmbeddingScores
     from mlray.tag import PARQUET_OPTIONS
 
     from mlray.inference import Predictor

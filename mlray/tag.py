@@ -185,7 +185,7 @@ class _AtomicParquetSink:
     fetch failed for a transient cause are not written: their ids come back
     for the summary, and the next run tags them."""
 
-    def __new__(cls, out: str, schema: pa.Schema, rows_per_file: int):
+    def __new__(cls, out: str, schema: pa.Schema, rows_per_file: int | None):
         from ray.data import Datasink
 
         class AtomicParquetSink(Datasink):
@@ -193,7 +193,7 @@ class _AtomicParquetSink:
                 self.result: dict = {"rows": 0, "errors": Counter(), "files": [], "retryable": 0, "retryable_ids": []}
 
             @property
-            def min_rows_per_write(self) -> int:
+            def min_rows_per_write(self) -> int | None:
                 return rows_per_file
 
             def write(self, blocks, ctx) -> dict:
@@ -334,7 +334,7 @@ def tag(model: str, input_uri: str, out: str, opts: TagOptions | None = None) ->
             raise TagError(f"--from-embeddings {e}") from e
         if opts.embeddings:  # copied from the source: they describe what made them
             embedding = source_info
-        from mlray.inference import EmbeddingScores
+        from mlray.rescore import EmbeddingScores
 
         # the head alone (a D x C matrix) travels to the tasks; the backbone stays here
         scorer = EmbeddingScores.from_predictor(predictor, threshold=opts.threshold, top_k=opts.top_k,
@@ -414,9 +414,11 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
         print(f"repaired OUT: {len(set(r[0] for r in work.dup_records))} ids were held more than once; "
               f"kept one row each (a scored row first, then the first part by name)", file=sys.stderr)
     lease.check()
-    sink = _AtomicParquetSink(out, score_schema(art.vocab, embedding), opts.rows_per_file)
+    # Rescoring writes one part per source part: a minimum of rows per write would
+    # count the fused task's *input* rows (part names) and put every part in one task.
+    sink = _AtomicParquetSink(out, score_schema(art.vocab, embedding), None if opts.from_embeddings else opts.rows_per_file)
     if work.new and opts.from_embeddings:
-        from mlray.inference import score_embedding_rows
+        from mlray.rescore import score_embedding_rows
 
         progress = counter()
         scorer.progress = progress
