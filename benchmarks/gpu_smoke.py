@@ -8,7 +8,8 @@ On a machine with >= 1 CUDA GPU it
    torch.compile) for about ``--steps`` optimizer steps;
 2. measures model-only throughput: random uint8 batches already on the GPU,
    preprocess + forward, no decode, no I/O;
-3. tags ``--images`` real JPEGs with ``--num-gpus 1`` end to end, sampling GPU
+3. tags ``--images`` real JPEGs with ``--num-gpus 1`` end to end, once per decode mode
+   (``--decode cpu``: CPU tasks; ``--decode device``: nvJPEG in the actor), sampling GPU
    utilisation (``nvidia-smi``) while it runs;
 and prints model-only img/s, end-to-end img/s, their ratio and the utilisation.
 Without a GPU it prints one line saying it skipped and exits 0.
@@ -121,26 +122,28 @@ def main(argv=None) -> list[dict]:
     run, train_s = train_smoke(manifest, args.size, args.steps, min(2, gpus))
     alone = model_only(run, args.batch)
     folder = corpus(manifest, max(1, -(-args.images // 1000)))
-    out = os.path.join(OUT, "gpu_smoke_tags")
-    shutil.rmtree(out, ignore_errors=True)
-    with Utilisation() as util:
-        proc = subprocess.run(
-            [sys.executable, "-m", "mlray", "tag", "--model", run, "--input", folder, "--out", out,
-             "--num-gpus", "1", "--batch-size", str(args.batch)],
-            capture_output=True, text=True, env=dict(os.environ, RAY_AUTH_MODE="disabled"),
-        )
-    if proc.returncode:
-        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-3000:])
-    summary = json.load(open(os.path.join(out, "_summary.json")))
-    e2e = summary["images_per_s"]
-    rows = [{
-        "benchmark": "gpu smoke", "gpus": gpus, "train_workers": min(2, gpus), "train_seconds": train_s,
-        "model_only_img_s": alone, "end_to_end_img_s": e2e, "ratio": e2e / alone, "gpu_util_mean": util.mean,
-        "images": summary["rows_in"],
-    }]
+    rows = []
+    for decode in ("cpu", "device"):  # decode in CPU tasks, then next to the model (nvJPEG)
+        out = os.path.join(OUT, f"gpu_smoke_tags_{decode}")
+        shutil.rmtree(out, ignore_errors=True)
+        with Utilisation() as util:
+            proc = subprocess.run(
+                [sys.executable, "-m", "mlray", "tag", "--model", run, "--input", folder, "--out", out,
+                 "--num-gpus", "1", "--batch-size", str(args.batch), "--decode", decode],
+                capture_output=True, text=True, env=dict(os.environ, RAY_AUTH_MODE="disabled"),
+            )
+        if proc.returncode:
+            raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-3000:])
+        summary = json.load(open(os.path.join(out, "_summary.json")))
+        e2e = summary["images_per_s"]
+        rows.append({
+            "benchmark": f"gpu smoke, --decode {decode}", "gpus": gpus, "train_workers": min(2, gpus),
+            "train_seconds": train_s, "model_only_img_s": alone, "end_to_end_img_s": e2e, "ratio": e2e / alone,
+            "gpu_util_mean": util.mean, "images": summary["rows_in"], "decode": decode,
+        })
     record("gpu_smoke", rows)
-    print(fmt_table(["model-only img/s", "end-to-end tag img/s", "ratio (target >= 0.7)", "GPU util % (mean)"],
-                    [[alone, e2e, e2e / alone, util.mean]]))
+    print(fmt_table(["decode", "model-only img/s", "end-to-end tag img/s", "ratio (target >= 0.7)", "GPU util % (mean)"],
+                    [[r["decode"], alone, r["end_to_end_img_s"], r["ratio"], r["gpu_util_mean"]] for r in rows]))
     return rows
 
 
