@@ -86,18 +86,39 @@ def in_fresh_process(module: str, func: str, *args):
     timed; baselines get the malloc settings mlray gives its Ray workers
     (``mlray.runtime.WORKER_ENV``), so a ratio measures the framework, not the
     allocator."""
-    import subprocess
-    import sys
-
     from mlray.runtime import WORKER_ENV
 
     code = f"import json, {module} as m; print('RESULT ' + json.dumps(m.{func}(*{list(args)!r})))"
+    return run_code(code, WORKER_ENV)
+
+
+def run_code(code: str, env: dict | None = None):
+    """Run Python ``code`` in a fresh interpreter; it prints ``RESULT <json>``, which is returned."""
+    import subprocess
+    import sys
+
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **WORKER_ENV, "RAY_AUTH_MODE": "disabled"})
+                          env={**os.environ, **(env or {}), "RAY_AUTH_MODE": "disabled"})
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not line:
-        raise RuntimeError(f"{module}.{func} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"failed:\n{code}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return json.loads(line[-1][len("RESULT "):])
+
+
+def cached_run(name: str, manifest: str, size: int, **optim) -> str:
+    """A short real training run under out/bench/runs (trained once, then reused)."""
+    from mlray.config import build_config
+    from mlray.train import train
+
+    run = os.path.join(os.path.abspath(OUT), "runs", name)
+    if os.path.exists(os.path.join(run, "model.safetensors")):
+        return run
+    cfg = build_config({
+        "data": {"manifest": manifest, "image_size": size}, "optim": optim,
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "run": {"storage_path": os.path.join(os.path.abspath(OUT), "runs"), "name": name},
+    })
+    return train(cfg).run_dir
 
 
 def interleaved(cases: dict[str, tuple], rounds: int) -> dict[str, list]:

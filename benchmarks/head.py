@@ -28,24 +28,11 @@ import time
 
 import numpy as np
 
-from benchmarks.common import OUT, fmt_table, load_split, record
+from benchmarks.common import OUT, cached_run, fmt_table, load_split, record
 
 
 def source_run(manifest: str, size: int) -> str:
-    from mlray.config import build_config
-    from mlray.train import train
-
-    name = f"head-source-{size}"
-    run = os.path.join(os.path.abspath(OUT), "runs", name)
-    if os.path.exists(os.path.join(run, "model.safetensors")):
-        return run
-    cfg = build_config({
-        "data": {"manifest": manifest, "image_size": size},
-        "optim": {"epochs": 1, "freeze_epochs": 1},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
-        "run": {"storage_path": os.path.join(os.path.abspath(OUT), "runs"), "name": name},
-    })
-    return train(cfg).run_dir
+    return cached_run(f"head-source-{size}", manifest, size, epochs=1, freeze_epochs=1)
 
 
 def main(argv=None) -> list[dict]:

@@ -23,13 +23,11 @@ import argparse
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 
-from benchmarks.common import OUT, fmt_table, mosaic_manifest, record
+from benchmarks.common import OUT, fmt_table, mosaic_manifest, record, run_code
 
 PART_ROWS = 20_000
 
@@ -122,12 +120,7 @@ def one_case(run: str, inp: str, out: str) -> dict:
         "print('RESULT ' + json.dumps({'plan_s': s.plan_seconds, 'seconds': s.seconds, 'written': s.rows_written,"
         " 'skipped': s.rows_skipped, 'maxrss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=dict(os.environ, RAY_AUTH_MODE="disabled"))
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode or not line:
-        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-3000:])
-    r = json.loads(line[0][len("RESULT "):])
+    r = run_code(code)
     r["per_new_image_ms"] = 1000 * (r["seconds"] - r["plan_s"]) / max(r["written"], 1)
     return r
 

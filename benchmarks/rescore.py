@@ -26,13 +26,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 
-from benchmarks.common import OUT, fmt_table, mosaic_manifest, record
+from benchmarks.common import OUT, fmt_table, mosaic_manifest, record, run_code
 
 PART_ROWS = 20_000
 DIM = 1280
@@ -129,12 +127,7 @@ def one_case(kind: str, run: str, src: str, out: str) -> dict:
         + "r['peak_all'] = _peak[0]; r['peak_driver'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
         "print('RESULT ' + json.dumps(r))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=dict(os.environ, RAY_AUTH_MODE="disabled"))
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode or not line:
-        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-3000:])
-    r = json.loads(line[0][len("RESULT "):])
+    r = run_code(code)
     r["rows_per_s"] = r["rows"] / r["seconds"]
     r["rows_per_s_after_plan"] = r["rows"] / max(r["seconds"] - r["plan_s"], 1e-9)
     return r

@@ -26,24 +26,13 @@ import numpy as np
 import psutil
 import torch
 
-from benchmarks.common import OUT, fmt_spread, fmt_table, interleaved, mosaic_manifest, paired_ratio, record, spread
+from benchmarks.common import (
+    OUT, cached_run, fmt_spread, fmt_table, interleaved, mosaic_manifest, paired_ratio, record, spread,
+)
 
 
 def trained_run(manifest: str, size: int) -> str:
-    from mlray.config import build_config
-    from mlray.train import train
-
-    name = f"tagbench-{size}"
-    run = os.path.join(os.path.abspath(OUT), "runs", name)
-    if os.path.exists(os.path.join(run, "model.safetensors")):
-        return run
-    cfg = build_config({
-        "data": {"manifest": manifest, "image_size": size},
-        "optim": {"epochs": 1, "freeze_epochs": 0},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
-        "run": {"storage_path": os.path.join(os.path.abspath(OUT), "runs"), "name": name},
-    })
-    return train(cfg).run_dir
+    return cached_run(f"tagbench-{size}", manifest, size, epochs=1, freeze_epochs=0)
 
 
 def corpus(manifest: str, copies: int) -> str:
