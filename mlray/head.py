@@ -156,7 +156,7 @@ def fit_head(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], cfg, positi
     """Train a linear head on ``x["train"]``; keep the pass with the best val mAP.
     Returns (head, best pass, per-pass records)."""
     from mlray.losses import create_loss
-    from mlray.metrics import multilabel_metrics, ranking_metrics
+    from mlray.metrics import average_precision_per_label, multilabel_metrics
     from mlray.models import init_linear
 
     torch.manual_seed(opts.seed)
@@ -186,7 +186,8 @@ def fit_head(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], cfg, positi
             logits = head(x["val"])
             val_loss = float(loss_fn(logits, y["val"]))
             scores = torch.sigmoid(logits).cpu().numpy()
-        val_map = ranking_metrics(scores, yva)["mAP"]
+        ap = average_precision_per_label(scores, yva)
+        val_map = float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
         history.append({"epoch": epoch, "phase": "head", "train_loss": total / max(seen, 1), "val_loss": val_loss,
                         "val_mAP": val_map, "prior_mAP": prior_map})
         if val_map > best + 1e-6:

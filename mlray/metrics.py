@@ -31,10 +31,31 @@ def _as_thresholds(thresholds: float | Sequence[float] | np.ndarray, n_labels: i
 
 
 def average_precision_per_label(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """AP of each label; NaN where the label has no positives (AP is undefined)."""
-    ap = np.full(targets.shape[1], np.nan)
-    for j in np.flatnonzero(targets.sum(axis=0) > 0):
-        ap[j] = skm.average_precision_score(targets[:, j], scores[:, j])
+    """AP of each label; NaN where the label has no positives (AP is undefined).
+
+    The same definition as scikit-learn's ``average_precision_score`` (the sum
+    over distinct score thresholds of recall gained times precision; tied scores
+    form one threshold), for all labels at once: a per-label sklearn loop took
+    0.4 s for 101 labels, which per-pass head selection pays hundreds of times."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(targets).astype(bool)
+    n, c = y.shape
+    ap = np.full(c, np.nan)
+    npos = y.sum(axis=0)
+    if n == 0 or not npos.any():
+        return ap
+    order = np.argsort(-s, axis=0, kind="stable")
+    ss = np.take_along_axis(s, order, axis=0)
+    ys = np.take_along_axis(y, order, axis=0)
+    tp = np.cumsum(ys, axis=0)
+    # each position's tie group ends at the last position with the same score
+    last = np.ones((n, c), dtype=bool)
+    last[:-1] = ss[1:] != ss[:-1]
+    end = np.where(last, np.arange(n)[:, None], n)
+    end = np.minimum.accumulate(end[::-1], axis=0)[::-1]
+    precision_at_end = np.take_along_axis(tp, end, axis=0) / (end + 1.0)
+    has = npos > 0
+    ap[has] = (precision_at_end * ys).sum(axis=0)[has] / npos[has]
     return ap
 
 
