@@ -34,7 +34,7 @@ def _perturbed_copy(run: str, dest: str) -> str:
 
 
 def test_head_from_embeddings_is_a_normal_run_and_rescoring_is_exactly_once(trained_run, local_ray, tmp_path):
-    run, manifest, root = trained_run
+    run, manifest, _ = trained_run
     emb_out = str(tmp_path / "emb")
     first = tag(run, manifest, emb_out, TagOptions(embeddings=True, rows_per_file=100))
     n = first.rows_in
@@ -105,7 +105,9 @@ def test_head_from_embeddings_is_a_normal_run_and_rescoring_is_exactly_once(trai
     with pytest.raises(ValueError, match=other_digest):
         train_head(other, emb_out, manifest, str(tmp_path / "runs" / "never"))
     # a tag output without embeddings is refused with what to do
-    plain = str(tmp_path / "plain")
-    tag(run, os.path.join(root, "images", "mosaic_0000*.jpg"), plain)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    part = pq.read_table(os.path.join(emb_out, parts[0]))
+    pq.write_table(part.drop_columns(["embedding"]).replace_schema_metadata(None), plain / "part-0.parquet")
     with pytest.raises(TagError, match="--embeddings"):
-        tag(new_run, plain, str(tmp_path / "never2"), TagOptions(from_embeddings=True))
+        tag(new_run, str(plain), str(tmp_path / "never2"), TagOptions(from_embeddings=True))

@@ -78,7 +78,8 @@ def test_tag_prefix_on_s3_with_bad_and_odd_images(trained_run, corpus, s3_server
     # --decode device: the tasks ship bytes, the scoring actor decodes (a thread pool
     # here, nvJPEG on a GPU); the same error rows, odd formats and scores
     out2 = prefix.replace("/all", "/tags-device")
-    assert tag(run, prefix + "/", out2, TagOptions(rows_per_file=100, decode="device")).rows_in_out == n_in
+    odd_and_bad = len(good_variants()) + len(bad_variants())
+    assert tag(run, prefix + "/*d/*", out2, TagOptions(decode="device")).rows_in_out == odd_and_bad  # bad/, odd/
     for r in _read_out(s3_server, out2).to_pylist():
         cpu = rows[r["image_id"]]
         assert (r["error"] or "").split(":")[0] == (cpu["error"] or "").split(":")[0], r["image_id"]
