@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from mlray import storage
 from mlray.images import DEFAULT_MAX_PIXELS, decode_many
-from mlray.manifest import manifest_files, multi_hot
+from mlray.manifest import absolute_uris, manifest_base, manifest_files, multi_hot
 
 
 # Error reason of a row whose image could not be fetched for a transient cause
@@ -122,20 +122,8 @@ def read_manifest_dataset(manifest: str, split: str | Sequence[str] | None, colu
 
 
 def with_absolute_uris(ds, manifest: str):
-    base = manifest if storage.is_dir(manifest) else storage.parent(manifest)
-    return ds.map_batches(_absolute_uris, batch_format="pyarrow", fn_kwargs={"base": base}, zero_copy_batch=True)
-
-
-def _absolute_uris(batch: pa.Table, base: str) -> pa.Table:
-    """The contract allows URIs relative to the manifest's directory."""
-    import pyarrow.compute as pc
-
-    uris = batch.column("uri")
-    relative = pc.invert(pc.match_substring_regex(uris, r"^(/|[A-Za-z][A-Za-z0-9+.-]*://)"))
-    if not pc.any(relative).as_py():
-        return batch
-    fixed = pc.if_else(relative, pc.binary_join_element_wise(base.rstrip("/"), uris, "/"), uris)
-    return batch.set_column(batch.column_names.index("uri"), "uri", fixed)
+    return ds.map_batches(absolute_uris, batch_format="pyarrow", fn_kwargs={"base": manifest_base(manifest)},
+                          zero_copy_batch=True)
 
 
 def _schema_names(uri: str) -> list[str]:
@@ -161,22 +149,17 @@ def decode_dataset(
     optionally ``image`` columns (a manifest, or a listing of image files). With
     ``decode="device"`` the rows are fetched only: the consumer decodes the
     ``encoded`` bytes next to its model (``mlray.device_decode``)."""
-    if reblock:  # pass False when the blocks already hold ``decode_batch_size`` rows
+    if reblock:  # pass False when every block holds at most ``decode_batch_size`` rows
         ds = ds.repartition(target_num_rows_per_block=decode_batch_size)
+    # Blocks already cut to size go through whole (batch_size=None): a minimum batch
+    # size would keep Ray Data from fusing the decode into the read task before it.
+    batch = decode_batch_size if reblock else None
     if decode == "device":
-        return ds.map_batches(
-            fetch_rows, batch_size=decode_batch_size, batch_format="pyarrow", num_cpus=decode_num_cpus,
-            fn_kwargs={"fetch_concurrency": fetch_concurrency, "keep": tuple(keep), "vocab": vocab},
-        )
-    return ds.map_batches(
-        decode_rows,
-        batch_size=decode_batch_size,
-        batch_format="pyarrow",
-        num_cpus=decode_num_cpus,
-        fn_kwargs={
-            "size": size, "vocab": vocab, "fetch_concurrency": fetch_concurrency, "keep": tuple(keep),
-        },
-    )
+        fn, kwargs = fetch_rows, {"fetch_concurrency": fetch_concurrency, "keep": tuple(keep), "vocab": vocab}
+    else:
+        fn, kwargs = decode_rows, {"size": size, "vocab": vocab, "fetch_concurrency": fetch_concurrency,
+                                   "keep": tuple(keep)}
+    return ds.map_batches(fn, batch_size=batch, batch_format="pyarrow", num_cpus=decode_num_cpus, fn_kwargs=kwargs)
 
 
 def image_dataset(
@@ -192,7 +175,7 @@ def image_dataset(
     from mlray.shuffle import shuffled_split
 
     ds = shuffled_split(manifest, split, columns, block_rows=kw.get("decode_batch_size", 128), seed=seed)
-    return decode_dataset(with_absolute_uris(ds, manifest), keep=keep, reblock=False, **kw)
+    return decode_dataset(ds, keep=keep, reblock=False, **kw)
 
 
 def torch_collate():

@@ -196,13 +196,24 @@ class ManifestWriter:
         table = _order(table).replace_schema_metadata(None)
         if self._schema is None:
             self._schema = schema_with_vocab(table.schema, self.vocab, self.row_order)
-        self._buffer.append(table.cast(self._schema))
-        self._buffered_rows += table.num_rows
-        self._buffered_bytes += table.nbytes
+        table = table.cast(self._schema)
         packed = "image" in table.column_names
         limit_bytes = PACKED_ROW_GROUP_BYTES if packed else 1 << 62
-        if self._buffered_bytes >= limit_bytes or self._buffered_rows >= UNPACKED_ROW_GROUP_ROWS:
-            self._flush_row_group()
+        # A packed row group is the unit a training read task decodes: one written
+        # table of thousands of images must still become many groups, or the whole
+        # split would be decoded by one task.
+        step = table.num_rows
+        if packed and table.nbytes > limit_bytes:
+            step = max(1, int(table.num_rows * limit_bytes / table.nbytes))
+        for i in range(0, table.num_rows, step):
+            piece = table.slice(i, step)
+            if self._buffered_rows and self._buffered_bytes + piece.nbytes > limit_bytes:
+                self._flush_row_group()
+            self._buffer.append(piece)
+            self._buffered_rows += piece.num_rows
+            self._buffered_bytes += piece.nbytes
+            if self._buffered_bytes >= limit_bytes or self._buffered_rows >= UNPACKED_ROW_GROUP_ROWS:
+                self._flush_row_group()
 
     def _flush_row_group(self) -> None:
         if not self._buffered_rows:
@@ -289,12 +300,24 @@ def read_manifest(uri: str, *, with_images: bool = False, check: bool = True) ->
         raise ManifestError(f"{uri}: parts have incompatible schemas: {e}") from e
     if check:
         validate(table, vocab, uri, packed="image" in names)
-    base = uri if storage.is_dir(uri) else storage.parent(uri)
+    return absolute_uris(table, manifest_base(uri)), vocab
+
+
+def manifest_base(uri: str) -> str:
+    """The directory that relative ``uri`` values of the manifest at ``uri`` are relative to."""
+    return uri if storage.is_dir(uri) else storage.parent(uri)
+
+
+def absolute_uris(table: pa.Table, base: str) -> pa.Table:
+    """``table`` with its relative ``uri`` values (the contract allows them) joined to ``base``."""
+    if "uri" not in table.column_names:
+        return table
     uris = table.column("uri")
-    if pc.any(pc.invert(pc.match_substring_regex(uris, r"^(/|[A-Za-z][A-Za-z0-9+.-]*://)"))).as_py():
-        fixed = [None if u is None else storage.absolute(u, base) for u in uris.to_pylist()]
-        table = table.set_column(table.column_names.index("uri"), "uri", pa.array(fixed, pa.string()))
-    return table, vocab
+    relative = pc.invert(pc.match_substring_regex(uris, r"^(/|[A-Za-z][A-Za-z0-9+.-]*://)"))
+    if not pc.any(relative).as_py():
+        return table
+    fixed = pc.if_else(relative, pc.binary_join_element_wise(base.rstrip("/"), uris, "/"), uris)
+    return table.set_column(table.column_names.index("uri"), "uri", fixed)
 
 
 def multi_hot(labels: pa.ListArray | pa.ChunkedArray, vocab: Sequence[str]) -> np.ndarray:

@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlray import storage
-from mlray.manifest import manifest_files, read_manifest, read_row_order
+from mlray.manifest import absolute_uris, manifest_base, manifest_files, read_manifest, read_row_order
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,9 @@ def _split_rows(pf: pq.ParquetFile, group: int, split: str | Sequence[str] | Non
 
 
 def _read_units(paths: list[str], fs, units: list[tuple[int, int, np.ndarray]], columns: list[str],
-                block_rows: int, seed: int) -> Iterator[pa.Table]:
-    """Read each row group named in ``units`` once, keep the units' rows, mix them, yield blocks."""
+                block_rows: int, seed: int, base: str) -> Iterator[pa.Table]:
+    """Read each row group named in ``units`` once, keep the units' rows, mix them, yield blocks
+    (relative URIs made absolute against ``base``)."""
     by_file: dict[int, dict[int, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))
     for f, g, rows in units:
         by_file[f][g].append(rows)
@@ -79,6 +80,7 @@ def _read_units(paths: list[str], fs, units: list[tuple[int, int, np.ndarray]], 
             parts.append(table.take(pa.array(np.concatenate(row_lists))))
     table = pa.concat_tables(parts, promote_options="permissive")
     table = table.take(pa.array(np.random.default_rng(seed).permutation(table.num_rows)))
+    table = absolute_uris(table, base)
     for i in range(0, table.num_rows, block_rows):
         yield table.slice(i, block_rows)
 
@@ -104,12 +106,15 @@ def local_buffer_rows(manifest: str, image_size: int, buffer_mb: float | None) -
 def shuffled_split(manifest: str, split: str | Sequence[str] | None, columns: Sequence[str], *,
                    block_rows: int = 128, seed: int = 0):
     """A Ray Dataset over one split of ``manifest`` whose rows come in a new random
-    order every time it executes (every epoch). Blocks hold ``block_rows`` rows."""
+    order every time it executes (every epoch). Blocks hold at most ``block_rows`` rows,
+    and relative URIs are made absolute."""
     import ray.data
 
-    return ray.data.read_datasource(
-        _datasource_class()(manifest, split, list(columns), block_rows=block_rows, seed=seed)
-    )
+    source = _datasource_class()(manifest, split, list(columns), block_rows=block_rows, seed=seed)
+    # As many blocks as read tasks: asked for more, Ray Data would split every read
+    # task's output, and a split read cannot fuse with the decode that follows, so
+    # reading and decoding would compete for CPU slots as two operators.
+    return ray.data.read_datasource(source, override_num_blocks=source.num_tasks())
 
 
 _CLASS = None
@@ -127,6 +132,7 @@ def _datasource_class():
         def __init__(self, manifest: str, split, columns: list[str], *, block_rows: int, seed: int):
             super().__init__()
             self.block_rows, self.seed, self.calls = block_rows, seed, 0
+            self.base = manifest_base(manifest)
             files = manifest_files(manifest)
             self.fs, _ = storage.resolve(files[0])
             self.paths = [storage.resolve(f)[1] for f in files]
@@ -168,6 +174,11 @@ def _datasource_class():
                     manifest, LEGACY_READS,
                 )
 
+        def num_tasks(self) -> int:
+            if self.table is not None:
+                return max(1, math.ceil(self.table.num_rows / self.block_rows))
+            return max(1, math.ceil(len(self.units) / self.units_per_task))
+
         def estimate_inmemory_data_size(self) -> int:
             return self.size
 
@@ -196,7 +207,8 @@ def _datasource_class():
                 rows = sum(len(u[2]) for u in units)
                 meta = BlockMetadata(num_rows=rows, size_bytes=int(self.size * rows / max(self.n_rows, 1)),
                                      input_files=None, exec_stats=None)
-                args = (self.paths, self.fs, units, self.columns, self.block_rows, int(rng.integers(1 << 31)))
+                args = (self.paths, self.fs, units, self.columns, self.block_rows, int(rng.integers(1 << 31)),
+                        self.base)
                 tasks.append(ReadTask(lambda a=args: _read_units(*a), meta, per_task_row_limit=per_task_row_limit))
             return tasks
 
