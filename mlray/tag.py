@@ -394,6 +394,9 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
         # a first rescore: every source row is new, and the source is a tag output,
         # whose ids its own runs keep unique; its footers count the rows
         work = tag_plan.Plan(rows_in=source.total, input_duplicates=0, skipped=0, new=source.total)
+    elif listing is not None and not state.total and _unique(listing.column("image_id")):
+        # a first run over a listing: every file is new; no join to run (1-2 s of tasks)
+        work = tag_plan.Plan(rows_in=listing.num_rows, input_duplicates=0, skipped=0, new=listing.num_rows)
     else:
         work = tag_plan.plan(state, listing=listing, manifest_parts=manifest_parts, input_columns=columns,
                              retry_errors=opts.retry_errors, keep_rows=rows_from_plan)
@@ -479,6 +482,10 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
     if summary.missing:
         raise TagError(f"tagging finished inconsistent:\n{summary.format()}")
     return summary
+
+
+def _unique(ids: pa.ChunkedArray) -> bool:
+    return pc.count_distinct(ids).as_py() == len(ids)
 
 
 def _write(ds, sink, progress, rows: int) -> None:
