@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -263,3 +264,24 @@ def test_read_back_validates_the_contract(tmp_path):
     pq.write_table(bad_type.replace_schema_metadata(schema_with_vocab(bad_type.schema, ["cat"]).metadata), p3)
     with pytest.raises(ManifestError, match="'image_id' has type int64"):
         read_manifest(str(p3))
+
+
+def test_packed_row_groups_stay_near_their_size_whatever_the_write_size(tmp_path):
+    """A packed row group is what one training read task decodes: 2,000 images
+    written as one table still become many ~8 MB groups, none over the limit by more
+    than one image, and every row is there once."""
+    from mlray.manifest import PACKED_ROW_GROUP_BYTES, build_table
+
+    rng = np.random.default_rng(0)
+    n, size = 200, 200_000  # 40 MB of incompressible "images" in one table
+    blobs = [rng.bytes(size) for _ in range(n)]
+    ids = [f"img_{i:04d}.jpg" for i in range(n)]
+    files = write_manifest(build_table(ids, [None] * n, [["cat"]] * n, splits=["train"] * n, images=blobs),
+                           ["cat"], str(tmp_path / "m"))
+    groups = [(md.num_rows, md.total_byte_size) for f in files
+              for md in (pq.ParquetFile(f).metadata.row_group(g) for g in range(pq.ParquetFile(f).metadata.num_row_groups))]
+    assert len(groups) >= 40_000_000 // PACKED_ROW_GROUP_BYTES
+    assert all(b <= PACKED_ROW_GROUP_BYTES + size + 4096 for _, b in groups), groups
+    assert sum(r for r, _ in groups) == n
+    back, _ = read_manifest(str(tmp_path / "m"), with_images=True)
+    assert sorted(back.column("image_id").to_pylist()) == ids

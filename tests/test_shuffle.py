@@ -112,3 +112,22 @@ def test_training_on_a_sorted_manifest_matches_the_shuffled_one(local_ray, mosai
     # (old code: near-single-label batches, collapse). On 240 images, 3 epochs, the
     # seed-to-seed spread is ~0.1 mAP either way, so "sorted is better" is noise.
     assert best["sorted"] > best["shuffled"] - 0.06, best
+
+
+def test_shuffled_read_and_decode_run_as_one_task(local_ray, mosaics, tmp_path):
+    """The read and the decode fuse into one operator: each task decodes the rows it
+    read (two operators would compete for the same CPU slots, and pass every block
+    between them through the object store)."""
+    from mlray.data import image_dataset
+    from mlray.manifest import read_vocab
+    from mlray.prepare import prepare
+
+    root, csv_path = mosaics
+    manifest = str(tmp_path / "m")
+    prepare(csv_path, root, manifest, split="train=0.9,val=0.1", pack=True)
+    ds = image_dataset(manifest, "train", shuffle=True, size=32, vocab=read_vocab(manifest), decode_batch_size=16)
+    rows = sum(len(b["image"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+    stats = ds.stats()
+    operators = [line for line in stats.splitlines() if line.startswith("Operator ")]
+    assert len(operators) == 1 and "ReadShuffledSplit->MapBatches(decode_rows)" in operators[0], stats[:2000]
+    assert rows == sum(1 for s in read_manifest(manifest)[0].column("split").to_pylist() if s == "train")
