@@ -26,7 +26,16 @@ WORKER_ENV = {
 }
 
 
-def worker_runtime_env(extra: dict[str, str] | None = None) -> dict:
+_EMBEDDED = {"started": False}  # this process started the local Ray, whose workers inherit its environment
+
+
+def worker_runtime_env(extra: dict[str, str] | None = None) -> dict | None:
+    """The ``runtime_env`` of a Ray task or actor that needs ``WORKER_ENV``. None on
+    the embedded Ray, whose workers inherit it: a task-level runtime_env makes
+    Ray start a fresh process for the task instead of taking an idle one."""
+    inherited = all(k in os.environ for k in WORKER_ENV) and all(os.environ.get(k) == v for k, v in (extra or {}).items())
+    if _EMBEDDED["started"] and inherited:
+        return None
     return {"env_vars": {**WORKER_ENV, **(extra or {})}}
 
 
@@ -34,13 +43,16 @@ def quiet_train_reports() -> None:
     """Ray Train logs every ``ray.train.report`` at INFO, a dump of the whole
     metrics dict per epoch beside mlray's own one-line summary. Its logger is
     named after the module's file path, hence the lookup."""
-    import importlib.util
     import logging
 
+    import ray
+
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
-    if spec is not None and spec.origin:
-        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+    # the file's path, without importing it: every Ray worker runs this hook at
+    # start, and importing ray.train costs each one ~1.2 s of CPU (decode tasks
+    # and tagging actors included, which never use it)
+    context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    logging.getLogger(context).setLevel(logging.WARNING)
 
 
 def quiet_embedded_ray() -> None:
@@ -68,14 +80,20 @@ def quiet_console() -> None:
     warnings.filterwarnings("ignore", message=r".*deprecated.*", module=r"ray(\.|$)")
 
 
-def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
+def init_ray(num_cpus: int | None = None, quiet: bool = False, training: bool = False) -> None:
     """Join the cluster of ``RAY_ADDRESS``, or start the embedded local Ray.
 
     ``quiet`` (the tagging job, whose console shows a progress bar): Ray's own
     INFO and deprecation lines are dropped, and on the embedded Ray the worker
     processes' output (worker-count and actor-restart notes, per-operator
     messages) goes to Ray's session logs only, not to the console. Errors
-    still reach the console: they come back as exceptions."""
+    still reach the console: they come back as exceptions.
+
+    ``training``: the embedded Ray's workers also silence Ray Train's
+    placement-group cleaner (``quiet_embedded_ray``). Only then: a job-level
+    ``runtime_env`` of any kind stops Ray from pre-starting worker processes,
+    which cost the tagging job ~0.8 s before its first task and again before
+    its scoring actor."""
     import ray
 
     if quiet:
@@ -93,6 +111,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     address = os.environ.get("RAY_ADDRESS")
     level = {"logging_level": logging.WARNING} if quiet else {}
     if address:
+        _EMBEDDED["started"] = False
         ray.init(address=address, log_to_driver=True, **level)
     else:
         from mlray.storage import s3_env
@@ -105,10 +124,15 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
         system = {}
         if "RAY_num_workers_soft_limit" not in os.environ:
             system["num_workers_soft_limit"] = max(8, 2 * (num_cpus or os.cpu_count() or 1))
+        # The embedded Ray's processes inherit this environment: the workers get
+        # the malloc and S3 settings from it (a setting the user made wins).
+        for k, v in {**WORKER_ENV, **s3_env()}.items():
+            os.environ.setdefault(k, v)
+        hook = {"runtime_env": {"worker_process_setup_hook": "mlray.runtime.quiet_embedded_ray"}} if training else {}
+        _EMBEDDED["started"] = True
         ray.init(
             address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet,
-            runtime_env={**worker_runtime_env(s3_env()), "worker_process_setup_hook": "mlray.runtime.quiet_embedded_ray"},
-            _system_config=system or None, **level,
+            _system_config=system or None, **hook, **level,
         )
 
 

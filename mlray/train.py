@@ -139,7 +139,7 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
             f"{info.n_train} training images are fewer than one step (data.batch_size {cfg.data.batch_size} x "
             f"scaling.num_workers {cfg.scaling.num_workers}); lower them"
         )
-    init_ray()
+    init_ray(training=True)
     rundir.write_run_files(directory, cfg, info.vocab, info.train_positives, info.n_train)
     from mlray.device_decode import resolve_mode
 

@@ -54,7 +54,7 @@ def local_ray(s3_server):
 
     from mlray.runtime import init_ray
 
-    init_ray(num_cpus=2)
+    init_ray(num_cpus=2, training=True)
     yield ray
 
 
@@ -72,7 +72,7 @@ def trained_run(s3_server, tmp_path_factory):
     csv_path = mnist_mosaics(str(root), 500, size=64, seed=21)
     manifest = str(root / "manifest")
     prepare(csv_path, str(root), manifest, split="train=0.8,val=0.2")
-    init_ray(num_cpus=2)
+    init_ray(num_cpus=2, training=True)
     cfg = build_config({
         "data": {"manifest": manifest, "image_size": 64, "batch_size": 32, "decode_batch_size": 64},
         "optim": {"epochs": 2, "lr": 2e-3, "freeze_epochs": 1, "warmup_epochs": 0.2},
