@@ -121,6 +121,69 @@ def read_manifest_dataset(manifest: str, split: str | Sequence[str] | None, colu
     return with_absolute_uris(ds, manifest) if "uri" in cols else ds
 
 
+def row_read_tasks(table: pa.Table, table_ref, row_lists: Sequence[np.ndarray], per_task_row_limit=None) -> list:
+    """Ray Data read tasks, one per array of row numbers of ``table`` (already in
+    the object store as ``table_ref``, so the rows travel once, not in every task)."""
+    import ray
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import ReadTask
+
+    per_row = table.nbytes / max(table.num_rows, 1)
+    tasks = []
+    for rows in row_lists:
+        meta = BlockMetadata(num_rows=len(rows), size_bytes=int(per_row * len(rows)), input_files=None, exec_stats=None)
+        tasks.append(ReadTask(lambda ref=table_ref, r=rows: [ray.get(ref).take(pa.array(r))], meta,
+                              per_task_row_limit=per_task_row_limit))
+    return tasks
+
+
+def table_dataset(table: pa.Table, block_rows: int):
+    """A Ray Dataset over an in-memory table (a listing of image files), in order,
+    ``block_rows`` rows per read task. ``ray.data.from_arrow`` would run a Ray task
+    per block to plan it, which waits for a worker process: ~1.5 s before the
+    tagging job's first image. These reads also fuse with the decode after them."""
+    import ray.data
+
+    source = _table_source_class()(table, block_rows)
+    return ray.data.read_datasource(source, override_num_blocks=source.num_tasks())
+
+
+_TABLE_SOURCE = None
+
+
+def _table_source_class():
+    """Built on first use, so that importing this module does not import Ray Data."""
+    global _TABLE_SOURCE
+    if _TABLE_SOURCE is None:
+        from ray.data.datasource import Datasource
+
+        class TableSource(Datasource):
+            def __init__(self, table: pa.Table, block_rows: int):
+                super().__init__()
+                self.table, self.block_rows, self.ref = table, block_rows, None
+
+            def num_tasks(self) -> int:
+                return max(1, -(-self.table.num_rows // self.block_rows))
+
+            def estimate_inmemory_data_size(self) -> int:
+                return self.table.nbytes
+
+            def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+                import ray
+
+                if self.ref is None:
+                    self.ref = ray.put(self.table)
+                n = self.table.num_rows
+                rows = [np.arange(i, min(i + self.block_rows, n)) for i in range(0, n, self.block_rows)]
+                return row_read_tasks(self.table, self.ref, rows, per_task_row_limit)
+
+            def get_name(self) -> str:
+                return "Table"
+
+        _TABLE_SOURCE = TableSource
+    return _TABLE_SOURCE
+
+
 def with_absolute_uris(ds, manifest: str):
     return ds.map_batches(absolute_uris, batch_format="pyarrow", fn_kwargs={"base": manifest_base(manifest)},
                           zero_copy_batch=True)

@@ -22,11 +22,14 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from mlray.images import DEFAULT_MAX_PIXELS, ImageError, decode
+
+if TYPE_CHECKING:  # imported where decoding runs: the tagging driver only checks --decode
+    import torch
 
 DECODE_MODES = ("auto", "cpu", "device")
 # --decode auto without a GPU: CPU tasks. Measured on 2 cores (python -m
@@ -63,6 +66,8 @@ class Decoder:
     """Decode a batch of encoded images for a model on ``device``."""
 
     def __init__(self, size: int, device: torch.device, threads: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS):
+        import torch
+
         self.size, self.device, self.max_pixels = size, torch.device(device), max_pixels
         self.pool = ThreadPoolExecutor(max(1, threads))
 
@@ -76,6 +81,8 @@ class Decoder:
         """``items``: encoded bytes (None where fetching failed); ``errors``: "" or the
         fetch error of each row. Returns images (zeros where failed) on the device
         and the errors, decode failures added."""
+        import torch
+
         n, s = len(items), self.size
         errs = list(errors)
         out = torch.zeros((n, s, s, 3), dtype=torch.uint8, device=self.device)
@@ -97,6 +104,7 @@ class Decoder:
         """Decode ``idx`` with nvJPEG into ``out``; returns the rows left for Pillow."""
         if not idx:
             return []
+        import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
         data = [torch.frombuffer(bytearray(items[i]), dtype=torch.uint8) for i in idx]

@@ -14,28 +14,35 @@ import json
 import os
 from collections.abc import Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
-import torch
 
-from mlray import rundir, storage
+from mlray import rundir
 from mlray.manifest import EMBEDDING_KEY
 from mlray.rescore import rows_of, score_columns
 from mlray.rundir import RunArtifacts, load_artifacts
+
+# torch is imported inside: the tagging driver imports this module for the actor
+# class and the output schema, and importing torch there cost ~2 s of start-up.
+if TYPE_CHECKING:
+    import torch
 
 
 class Predictor:
     """The model of a run directory (or checkpoint folder), on one device."""
 
     def __init__(self, art: RunArtifacts, device: str | torch.device | None = None):
+        import torch
+
         from mlray.models import create_model, normalization
+
         self.art = art
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cfg = art.config
         model = create_model(cfg.model.model_copy(update={"pretrained": "none"}), len(art.vocab))
-        ema = storage.join(art.directory, rundir.EMA_FILE)
-        weights = storage.join(art.directory, rundir.EMA_FILE if storage.exists(ema) else rundir.WEIGHTS)
-        model.load_state_dict(rundir.load_weights(weights))
+        model.load_state_dict(rundir.load_weights(rundir.scoring_weights(art.directory)))
         model = model.to(self.device).eval()
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -51,30 +58,30 @@ class Predictor:
     def vocab(self) -> list[str]:
         return self.art.vocab
 
-    @torch.inference_mode()
     def scores(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 (N, size, size, 3) -> sigmoid scores (N, C) float32."""
         return self.scores_and_embeddings(images, embeddings=False)[0]
 
-    @torch.inference_mode()
     def scores_and_embeddings(self, images: np.ndarray | torch.Tensor, embeddings: bool = True):
         """uint8 (N, size, size, 3) -> (sigmoid scores (N, C) float32, the pooled
         features that feed the head (N, D) float16, or None)."""
+        import torch
+
         from mlray.augment import preprocess
 
         if len(images) == 0:
             return np.zeros((0, len(self.vocab)), np.float32), (np.zeros((0, self.embedding_dim), np.float16) if embeddings else None)
         t = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else images  # a writable copy
-        x = preprocess(t, self.device, self.mean, self.std)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-        with amp:
+        with torch.inference_mode(), amp:
+            x = preprocess(t, self.device, self.mean, self.std)
             if embeddings:
                 pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
                 logits = self.model.get_classifier()(pooled)
             else:
                 logits = self.model(x)
-        scores = torch.sigmoid(logits.float()).cpu().numpy()
-        return scores, (pooled.float().cpu().numpy().astype(np.float16) if embeddings else None)
+            scores = torch.sigmoid(logits.float()).cpu().numpy()
+            return scores, (pooled.float().cpu().numpy().astype(np.float16) if embeddings else None)
 
     @property
     def embedding_dim(self) -> int:
@@ -155,6 +162,8 @@ class ScoreBatches:
         self.vocab_array = pa.array(self.predictor.vocab, pa.string())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        import torch
+
         if self.torch_threads and torch.get_num_threads() != self.torch_threads:
             # Ray Data calls this from its own thread, whose OpenMP team size comes
             # from OMP_NUM_THREADS (1 for fractional-CPU actors), not from __init__.

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING
 
 from mlray import storage
 from mlray.config import Config, build_config
 from mlray.thresholds import ThresholdPolicy
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written: checking a run needs none of it
+    import torch
 
 CONFIG, LABELS, WEIGHTS, THRESHOLDS, BEST, HISTORY = (
     "config.yaml", "labels.json", "model.safetensors", "thresholds.json", "best.json", "history.jsonl",
@@ -39,7 +39,9 @@ def run_dir(cfg: Config) -> str:
 
 
 def weights_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
-    return st_save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
 
 
 def save_weights(uri: str, state_dict: dict[str, torch.Tensor]) -> None:
@@ -47,7 +49,40 @@ def save_weights(uri: str, state_dict: dict[str, torch.Tensor]) -> None:
 
 
 def load_weights(uri: str) -> dict[str, torch.Tensor]:
-    return st_load(storage.read_bytes(uri))
+    from safetensors.torch import load
+
+    return load(storage.read_bytes(uri))
+
+
+def scoring_weights(directory: str) -> str:
+    """The weights a run scores with: its EMA weights when it kept them, else the best."""
+    ema = storage.join(directory, EMA_FILE)
+    return ema if storage.exists(ema) else storage.join(directory, WEIGHTS)
+
+
+def weight_shapes(uri: str) -> dict[str, list[int]]:
+    """Tensor names and shapes of a safetensors file, from its header alone: no
+    torch, no tensor data read. Raises ValueError when the header is unreadable or
+    the file is shorter or longer than the header says (a truncated upload)."""
+    fs, path = storage.resolve(uri)
+
+    def read_header() -> tuple[int, bytes]:
+        with fs.open_input_file(path) as f:
+            size = f.size()
+            n = int.from_bytes(f.read(8), "little")
+            return size, f.read(n) if 0 < n <= size - 8 else b""
+
+    size, raw = storage.retrying(read_header, uri)
+    try:
+        header = json.loads(raw)
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{uri}: not a safetensors weights file (unreadable header)") from e
+    if 8 + len(raw) + end != size:
+        raise ValueError(f"{uri}: {size} bytes, but its header describes {8 + len(raw) + end}; the file is "
+                         "truncated or corrupt (copy it again from where the run wrote it)")
+    return {k: list(v["shape"]) for k, v in tensors.items()}
 
 
 def labels_doc(vocab: list[str], positives: list[int], n_train: int) -> str:

@@ -174,14 +174,14 @@ def _datasource_class():
             self.n_rows = sum(len(u[2]) for u in self.units)
             if legacy and largest > block_rows // LEGACY_UNITS_PER_TASK:
                 self.units_per_task = LEGACY_UNITS_PER_TASK
-            elif not legacy and self.units:
-                typical = float(np.median([len(u[2]) for u in self.units]))
-                self.units_per_task = max(1, math.ceil(MIN_TASK_BLOCKS * block_rows / typical))
                 log.warning(
                     "%s was written in source order (before mlray stored rows shuffled): each epoch mixes "
                     "slices of its row groups, reading them up to %dx; re-run `mlray prepare` to read it once",
                     manifest, LEGACY_READS,
                 )
+            elif not legacy and self.units:
+                typical = float(np.median([len(u[2]) for u in self.units]))
+                self.units_per_task = max(1, math.ceil(MIN_TASK_BLOCKS * block_rows / typical))
 
         def num_tasks(self) -> int:
             if self.table is not None:
@@ -197,18 +197,13 @@ def _datasource_class():
             if self.table is not None:
                 import ray
 
+                from mlray.data import row_read_tasks
+
                 if self.table_ref is None:  # the rows go to the object store once, not into every task
                     self.table_ref = ray.put(self.table)
                 order = rng.permutation(self.table.num_rows)
-                per_row = self.table.nbytes / max(self.table.num_rows, 1)
-                tasks = []
-                for i in range(0, len(order), self.block_rows):
-                    rows = order[i : i + self.block_rows]
-                    meta = BlockMetadata(num_rows=len(rows), size_bytes=int(per_row * len(rows)), input_files=None,
-                                         exec_stats=None)
-                    tasks.append(ReadTask(lambda ref=self.table_ref, r=rows: [ray.get(ref).take(pa.array(r))], meta,
-                                          per_task_row_limit=per_task_row_limit))
-                return tasks
+                rows = [order[i : i + self.block_rows] for i in range(0, len(order), self.block_rows)]
+                return row_read_tasks(self.table, self.table_ref, rows, per_task_row_limit)
             order = rng.permutation(len(self.units))
             tasks = []
             for i in range(0, len(order), self.units_per_task):

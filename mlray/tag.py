@@ -266,17 +266,31 @@ def check_out(out: str) -> None:
             up = parent
 
 
-def check_model(model: str) -> "Predictor":
-    """The run directory's files are there and its weights load (on CPU)."""
-    from mlray.inference import Predictor
-    from mlray.rundir import load_artifacts
+def check_model(model: str, *, load: bool = False) -> "RunArtifacts | Predictor":
+    """The run directory's files are there and parse, and its weights file is whole
+    and holds a head for the run's labels: read from the safetensors header, so the
+    driver imports neither torch nor timm (~3 s of start-up); the scoring actors
+    load the weights. ``load``: the model itself, on CPU (for embeddings, whose
+    size and backbone digest only the built model knows)."""
+    from mlray import rundir
 
     try:
-        return Predictor(load_artifacts(model), device="cpu")
+        art = rundir.load_artifacts(model)
+        if load:
+            from mlray.inference import Predictor
+
+            return Predictor(art, device="cpu")
+        weights = rundir.scoring_weights(model)
+        shapes = rundir.weight_shapes(weights)
     except FileNotFoundError as e:
         raise TagError(f"--model {e}") from e
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise TagError(f"--model {model}: the model does not load ({e})") from e
+    n = len(art.vocab)
+    if not any(len(s) in (2, 4) and s[0] == n for s in shapes.values()):
+        raise TagError(f"--model {model}: {weights} holds no classifier for the run's {n} labels "
+                       f"(labels.json); the weights and labels.json come from different runs")
+    return art
 
 
 def _vocab_text(vocab: list[str]) -> str:
@@ -319,38 +333,43 @@ def tag(model: str, input_uri: str, out: str, opts: TagOptions | None = None) ->
     opts = opts or TagOptions()
     check_options(opts)
     check_out(out)
-    predictor = check_model(model)
-    art = predictor.art
-    embedding = None
-    if opts.embeddings:
-        embedding = {"model": art.model_id, "dim": predictor.embedding_dim, "backbone_digest": predictor.backbone_digest}
-    if opts.from_embeddings:
-        if not storage.exists(input_uri):
-            raise TagError(f"--from-embeddings {input_uri}: no such directory or prefix")
-        try:
-            _, source_info = tag_plan.embedding_parts(input_uri)
-            tag_plan.check_backbone(source_info, predictor.backbone_digest, predictor.embedding_dim, input_uri, model)
-        except ValueError as e:
-            raise TagError(f"--from-embeddings {e}") from e
-        if opts.embeddings:  # copied from the source: they describe what made them
-            embedding = source_info
-        from mlray.rescore import EmbeddingScores
+    embedding = scorer = None
+    if not (opts.embeddings or opts.from_embeddings):
+        art = check_model(model)
+    else:
+        predictor = check_model(model, load=True)
+        art = predictor.art
+        if opts.embeddings:
+            embedding = {"model": art.model_id, "dim": predictor.embedding_dim,
+                         "backbone_digest": predictor.backbone_digest}
+        if opts.from_embeddings:
+            if not storage.exists(input_uri):
+                raise TagError(f"--from-embeddings {input_uri}: no such directory or prefix")
+            try:
+                _, source_info = tag_plan.embedding_parts(input_uri)
+                tag_plan.check_backbone(source_info, predictor.backbone_digest, predictor.embedding_dim, input_uri,
+                                        model)
+            except ValueError as e:
+                raise TagError(f"--from-embeddings {e}") from e
+            if opts.embeddings:  # copied from the source: they describe what made them
+                embedding = source_info
+            from mlray.rescore import EmbeddingScores
 
-        # the head alone (a D x C matrix) travels to the tasks; the backbone stays here
-        scorer = EmbeddingScores.from_predictor(predictor, threshold=opts.threshold, top_k=opts.top_k,
-                                                keep_embeddings=opts.embeddings)
-    del predictor  # the actors load their own; the driver keeps no weights
+            # the head alone (a D x C matrix) travels to the tasks; the backbone stays here
+            scorer = EmbeddingScores.from_predictor(predictor, threshold=opts.threshold, top_k=opts.top_k,
+                                                    keep_embeddings=opts.embeddings)
+        del predictor  # the actors load their own; the driver keeps no weights
     if not opts.from_embeddings and not storage.exists(_listing_base(input_uri)):
         raise TagError(f"--input {input_uri}: no such file, directory or prefix")
     with Lease(out, ttl=opts.lease_ttl, wait=opts.wait) as lease:
-        return _tag_locked(art, model, input_uri, out, opts, lease, embedding, scorer if opts.from_embeddings else None)
+        return _tag_locked(art, model, input_uri, out, opts, lease, embedding, scorer)
 
 
 def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: TagOptions, lease: Lease,
                 embedding: dict | None, scorer=None) -> TagSummary:
     import ray.data
 
-    from mlray.data import decode_dataset, read_manifest_dataset, with_absolute_uris
+    from mlray.data import decode_dataset, read_manifest_dataset, table_dataset, with_absolute_uris
     from mlray.inference import score_dataset, score_schema
     from mlray.progress import counter
     from mlray.runtime import init_ray
@@ -441,8 +460,7 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
             if state.total:  # packed: the image bytes stay in the manifest until a new row is read
                 ds = ds.map_batches(tag_plan.keep_new, batch_format="pyarrow", fn_kwargs={"new_refs": work.new_refs})
         else:
-            ds = ray.data.from_arrow([listing.slice(i, opts.decode_batch_size)
-                                      for i in range(0, listing.num_rows, opts.decode_batch_size)])
+            ds = table_dataset(listing, opts.decode_batch_size)
         from mlray.device_decode import resolve_mode
 
         ds = decode_dataset(

@@ -131,3 +131,24 @@ def test_shuffled_read_and_decode_run_as_one_task(local_ray, mosaics, tmp_path):
     operators = [line for line in stats.splitlines() if line.startswith("Operator ")]
     assert len(operators) == 1 and "ReadShuffledSplit->MapBatches(decode_rows)" in operators[0], stats[:2000]
     assert rows == sum(1 for s in read_manifest(manifest)[0].column("split").to_pylist() if s == "train")
+
+
+def test_only_a_manifest_stored_in_source_order_is_warned_about(mosaics, tmp_path, caplog):
+    """The 'written in source order ... re-run mlray prepare' line is for old
+    manifests only; a manifest mlray prepared (rows stored shuffled) gets none."""
+    import logging
+
+    from mlray.prepare import prepare
+    from mlray.shuffle import _datasource_class
+
+    root, csv_path = mosaics
+    fresh = str(tmp_path / "fresh")
+    prepare(csv_path, root, fresh, split="train=0.9,val=0.1", pack=True)
+    sorted_file = str(tmp_path / "sorted.parquet")
+    _sorted_copy(fresh, sorted_file, with_images=True)
+    source = _datasource_class()
+    for manifest, warned in ((fresh, False), (sorted_file, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mlray.shuffle"):
+            source(manifest, "train", ["image_id", "image", "labels"], block_rows=64, seed=0)
+        assert any("source order" in r.getMessage() for r in caplog.records) == warned, (manifest, caplog.text)

@@ -311,6 +311,26 @@ def test_bad_options_and_paths_fail_first_with_one_line(trained_run, tmp_path, c
         (["--model", str(tmp_path)], "--model"),
         (["--input", str(tmp_path / "nothing")], "--input"),
     ]
+    # run directories whose weights are cut short, or belong to another vocabulary
+    import json
+    import shutil
+
+    from mlray import rundir
+
+    truncated, relabelled = tmp_path / "truncated", tmp_path / "relabelled"
+    for d in (truncated, relabelled):
+        shutil.copytree(run, d, ignore=shutil.ignore_patterns("checkpoint_*", "report"))
+    weights = rundir.scoring_weights(str(truncated))
+    data = open(weights, "rb").read()
+    open(weights, "wb").write(data[: len(data) - 1000])
+    labels = json.loads((relabelled / rundir.LABELS).read_text())
+    labels["labels"].append("extra")
+    labels["train_positives"].append(0)
+    (relabelled / rundir.LABELS).write_text(json.dumps(labels))
+    cases += [
+        (["--model", str(truncated)], "truncated or corrupt"),
+        (["--model", str(relabelled)], f"no classifier for the run's {len(labels['labels'])} labels"),
+    ]
     for extra, expected in cases:
         args = {"--model": run, "--input": images, "--out": str(tmp_path / "out")}
         flags = []
@@ -324,6 +344,22 @@ def test_bad_options_and_paths_fail_first_with_one_line(trained_run, tmp_path, c
         err = capsys.readouterr().err.strip()
         assert expected in err and len(err.splitlines()) == 1, (argv, err)
         assert not os.path.exists(tmp_path / "out" / "_summary.json")
+
+
+def test_the_tagging_driver_checks_the_model_without_importing_torch(trained_run):
+    """The driver only plans and checks; importing torch and timm there cost ~3 s
+    of every tagging job's start-up (the scoring actors load the model)."""
+    run, _, _ = trained_run
+    code = (
+        "import sys\n"
+        "from mlray.tag import check_model\n"
+        "import mlray.data, mlray.device_decode, mlray.inference, mlray.progress\n"
+        f"art = check_model({run!r})\n"
+        "assert art.vocab, art\n"
+        "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
 
 
 def test_embeddings_are_the_features_that_feed_the_head(trained_run, local_ray, tmp_path):
