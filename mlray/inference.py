@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Sequence
 
 from typing import TYPE_CHECKING
@@ -152,6 +153,7 @@ class ScoreBatches:
     ):
         self.torch_threads = torch_threads
         self.decoder = None  # made at the first batch of encoded bytes
+        self.lock = threading.Lock()
         self.decode_threads = decode_threads
         self.progress = progress  # a mlray.progress counter actor, told the rows of each batch
         self.embeddings = embeddings
@@ -165,14 +167,15 @@ class ScoreBatches:
         import torch
 
         if self.torch_threads and torch.get_num_threads() != self.torch_threads:
-            # Ray Data calls this from its own thread, whose OpenMP team size comes
+            # Ray Data calls this from its own threads, whose OpenMP team size comes
             # from OMP_NUM_THREADS (1 for fractional-CPU actors), not from __init__.
             torch.set_num_threads(self.torch_threads)
         if "encoded" in batch:  # --decode device: the bytes are decoded here, next to the model
-            if self.decoder is None:
-                from mlray.device_decode import Decoder
+            with self.lock:  # batches may run in several threads at once (CPU scoring)
+                if self.decoder is None:
+                    from mlray.device_decode import Decoder
 
-                self.decoder = Decoder(self.predictor.size, self.predictor.device, threads=self.decode_threads)
+                    self.decoder = Decoder(self.predictor.size, self.predictor.device, threads=self.decode_threads)
             images, errs = self.decoder(list(batch["encoded"]), list(batch["error"]))
             errors = np.array(errs, dtype=object)
             ok = np.array([e == "" for e in errors], dtype=bool)
@@ -215,7 +218,14 @@ def score_dataset(
     from mlray.runtime import worker_runtime_env
 
     cpus = actor_cpus if actor_cpus is not None else (1.0 if num_gpus else 0.5)
-    threads = None if num_gpus else max(1, int(os.cpu_count() or 1) // max(1, concurrency))
+    # On CPU an actor scores as many batches at once as it has cores, each on one
+    # torch thread, rather than one batch on all of them: no OpenMP barrier per
+    # layer, and one batch's Python work (arrays, Arrow columns) overlaps another's
+    # model. EfficientNet-Lite0 at 128 px on 2 cores, tagging 6,000 files: 175-178
+    # -> 220-228 images/s after the first batch (2 rounds, interleaved). A GPU
+    # actor runs one batch at a time.
+    calls = 1 if num_gpus else max(1, int(os.cpu_count() or 1) // max(1, concurrency))
+    threads = None if num_gpus else 1
     return ds.map_batches(
         ScoreBatches,
         fn_constructor_args=(directory,),
@@ -226,7 +236,8 @@ def score_dataset(
         },
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=concurrency),
+        compute=ActorPoolStrategy(size=concurrency, max_concurrent_calls_per_actor=calls,
+                                   enable_true_multi_threading=calls > 1),
         num_gpus=num_gpus or None,
         num_cpus=cpus,
         runtime_env=worker_runtime_env(),
