@@ -205,6 +205,9 @@ class ScoreBatches:
         return pa.table(cols)
 
 
+MAX_CPU_CALLS = 4  # batches a CPU scoring actor scores at once
+
+
 def score_dataset(
     ds, directory: str, *, batch_size: int = 64, concurrency: int = 1, num_gpus: float = 0.0,
     actor_cpus: float | None = None, threshold: float | None = None, top_k: int | None = None,
@@ -218,14 +221,17 @@ def score_dataset(
     from mlray.runtime import worker_runtime_env
 
     cpus = actor_cpus if actor_cpus is not None else (1.0 if num_gpus else 0.5)
-    # On CPU an actor scores as many batches at once as it has cores, each on one
-    # torch thread, rather than one batch on all of them: no OpenMP barrier per
-    # layer, and one batch's Python work (arrays, Arrow columns) overlaps another's
-    # model. EfficientNet-Lite0 at 128 px on 2 cores, tagging 6,000 files: 175-178
-    # -> 220-228 images/s after the first batch (2 rounds, interleaved). A GPU
-    # actor runs one batch at a time.
-    calls = 1 if num_gpus else max(1, int(os.cpu_count() or 1) // max(1, concurrency))
-    threads = None if num_gpus else 1
+    # On CPU an actor scores several batches at once, each on its share of the
+    # cores, rather than one batch on all of them: fewer threads meeting at an
+    # OpenMP barrier every layer, and one batch's Python work (arrays, Arrow
+    # columns) overlaps another's model. EfficientNet-Lite0 at 128 px on 2 cores
+    # (2 batches x 1 thread), tagging 6,000 files: 175-178 -> 220-228 images/s
+    # after the first batch (2 rounds, interleaved); the actor's memory grew from
+    # 1.40 to 1.85 GB (USS). At most MAX_CPU_CALLS batches, as each holds its
+    # activations. A GPU actor scores one batch at a time.
+    cores = max(1, int(os.cpu_count() or 1) // max(1, concurrency))
+    calls = 1 if num_gpus else min(cores, MAX_CPU_CALLS)
+    threads = None if num_gpus else max(1, cores // calls)
     return ds.map_batches(
         ScoreBatches,
         fn_constructor_args=(directory,),

@@ -104,6 +104,11 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False, training: bool = 
 
     ctx = DataContext.get_current()
     ctx.print_on_execution_start = False  # the plan of every epoch's dataset is developer detail
+    if quiet:
+        # "Operator 'MapBatches(ScoreBatches)' uses 1.5GiB ... consider setting memory=": a
+        # scoring actor holds torch and its batches' activations, and tagging has no
+        # flag for Ray's logical memory request, so the advice cannot be taken.
+        ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
     if not sys.stderr.isatty():
         # In logs (CI, submitted jobs) per-operator bars become thousands of lines.
         ctx.enable_progress_bars = False
