@@ -69,6 +69,28 @@ def load_split(manifest: str, split: str, size: int) -> tuple[np.ndarray, np.nda
     return images, multi_hot(table.column("labels"), vocab), vocab
 
 
+def tree_pss(pid: int) -> int:
+    """Summed PSS in bytes of a process and all its descendants (Ray's workers are
+    the raylet's children, outside the job's process group): pages shared between
+    processes, the object store's above all, counted once. Read from
+    ``smaps_rollup``, cheap enough to sample while a job is being timed."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            with open(f"/proc/{p.pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
 def fmt_table(headers: list[str], rows: list[list]) -> str:
     def cell(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)

@@ -36,18 +36,12 @@ PART_ROWS = 20_000
 DIM = 1280
 
 _SAMPLER = '''
-import threading, time, psutil
+import os, threading, time
+from benchmarks.common import tree_pss
 _peak = [0]
 def _sample():
-    me = psutil.Process()
     while True:
-        total = 0
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                total += p.memory_full_info().pss  # shared pages (the object store) counted once
-            except psutil.Error:
-                pass
-        _peak[0] = max(_peak[0], total)
+        _peak[0] = max(_peak[0], tree_pss(os.getpid()))
         time.sleep(0.5)
 threading.Thread(target=_sample, daemon=True).start()
 '''

@@ -8,9 +8,10 @@ Both run at N and 10xN images, interleaved (tag N, tag 10N, loop N, loop 10N,
 again) over ``--rounds`` rounds, each in a fresh process. Steady state is the
 extra images over the extra time (10N - N over t(10N) - t(N)), so start-up cancels
 out; start-up included is 10N over the whole process time, interpreter start to
-exit, for both. Memory is the peak of the summed RSS of every process of the job
-(driver, local Ray, decode tasks, model actor), sampled every 0.2 s; streaming
-end to end keeps the 10xN / N ratio near 1.
+exit, for both. Memory is the peak of the summed PSS of every process of the job
+and its descendants (driver, local Ray, decode tasks, scoring actor; pages shared
+through the object store counted once), sampled every 0.5 s; streaming end to end
+keeps the 10xN / N ratio near 1.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import psutil
 import torch
 
 from benchmarks.common import (
-    OUT, cached_run, fmt_spread, fmt_table, interleaved, mosaic_manifest, paired_ratio, record, spread,
+    OUT, cached_run, fmt_spread, fmt_table, interleaved, mosaic_manifest, paired_ratio, record, spread, tree_pss,
 )
 
 
@@ -70,7 +71,7 @@ def plain_loop(run: str, folder: str, batch: int) -> dict:
 
 def tag_job(run: str, folder: str, out: str, batch: int, decode: str = "cpu") -> dict:
     """``mlray tag`` as its own process: its wall-clock seconds (interpreter start to
-    exit), images written, and the peak summed RSS of its process tree."""
+    exit), images written, and the peak summed PSS of its process tree."""
     import json
 
     shutil.rmtree(out, ignore_errors=True)
@@ -83,15 +84,8 @@ def tag_job(run: str, folder: str, out: str, batch: int, decode: str = "cpu") ->
     )
     peak = 0
     while proc.poll() is None:
-        total = 0
-        for p in psutil.process_iter(["pid"]):
-            try:
-                if os.getpgid(p.pid) == proc.pid:
-                    total += p.memory_info().rss
-            except (psutil.Error, ProcessLookupError):
-                pass
-        peak = max(peak, total)
-        time.sleep(0.2)
+        peak = max(peak, tree_pss(proc.pid))
+        time.sleep(0.5)
     wall = time.time() - t
     output = proc.stdout.read()
     if proc.returncode:
@@ -142,16 +136,16 @@ def main(argv=None) -> list[dict]:
         {"benchmark": "tag --decode device (in the actor), steady state", "mlray_img_s": spread(dev_steady),
          "baseline": "tag --decode cpu (in CPU tasks), steady state", "baseline_img_s": spread(tag_steady),
          "ratio": paired_ratio(dev_steady, tag_steady)},
-        {"benchmark": "tag memory", "peak_rss_n_mb": spread([r["peak"] / 2**20 for r in res["tag_n"]]),
-         "peak_rss_10n_mb": spread([r["peak"] / 2**20 for r in res["tag_10n"]]), "images_n": n, "ratio": spread(mem)},
+        {"benchmark": "tag memory", "peak_pss_n_mb": spread([r["peak"] / 2**20 for r in res["tag_n"]]),
+         "peak_pss_10n_mb": spread([r["peak"] / 2**20 for r in res["tag_10n"]]), "images_n": n, "ratio": spread(mem)},
     ]
     record("tag", rows)
     print(fmt_table(["benchmark", "mlray img/s", "plain loop img/s", "ratio (median, range)"],
                     [[r["benchmark"], fmt_spread(r["mlray_img_s"]), fmt_spread(r["baseline_img_s"]),
                       fmt_spread(r["ratio"], 2)] for r in rows[:3]]))
     print(f"mlray tag start-up (Ray, actor, model, listing): {fmt_spread(rows[0]['mlray_startup_s'])} s")
-    print(fmt_table([f"peak RSS at {n} (MB)", f"at {n10} (MB)", "ratio"],
-                    [[fmt_spread(rows[3]["peak_rss_n_mb"], 0), fmt_spread(rows[3]["peak_rss_10n_mb"], 0),
+    print(fmt_table([f"peak PSS at {n} (MB)", f"at {n10} (MB)", "ratio"],
+                    [[fmt_spread(rows[3]["peak_pss_n_mb"], 0), fmt_spread(rows[3]["peak_pss_10n_mb"], 0),
                       fmt_spread(rows[3]["ratio"], 3)]]))
     return rows
 
