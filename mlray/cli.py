@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--retry-errors", action="store_true", help="tag again the rows whose error was missing:")
     tg.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"],
                     help="where images are decoded: cpu (CPU tasks), device (in the scoring actor: nvJPEG on its "
-                    "GPU, a thread pool on CPU), auto (device with --num-gpus, else cpu)")
+                    "GPU, a thread pool on CPU), auto (device; training's auto is cpu without a GPU)")
     tg.add_argument("--embeddings", action="store_true",
                     help="add an embedding column: the pooled features that feed the head (float16)")
     tg.set_defaults(func=_tag)

@@ -75,7 +75,7 @@ class TagOptions:
     lease_ttl: float = 120.0  # seconds a lease lives without renewal (renewed every third of it)
     embeddings: bool = False  # add the pooled features that feed the head (list<float16>) per scored row
     from_embeddings: bool = False  # the input is a tag OUT with embeddings: rescore them, read no image
-    decode: str = "auto"  # cpu: in CPU tasks; device: in the scoring actor (nvJPEG on its GPU); auto: by hardware
+    decode: str = "auto"  # cpu: in CPU tasks; device: in the scoring actor (nvJPEG on its GPU); auto: device (see device_decode.CPU_DEFAULT)
 
 
 @dataclass
@@ -466,7 +466,7 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
         ds = decode_dataset(
             ds, size=art.config.data.image_size, vocab=None, decode_batch_size=opts.decode_batch_size,
             fetch_concurrency=opts.fetch_concurrency, keep=("image_id", "uri"),
-            reblock=manifest or rows_from_plan, decode=resolve_mode(opts.decode, opts.num_gpus),
+            reblock=manifest or rows_from_plan, decode=resolve_mode(opts.decode, opts.num_gpus, "tag"),
         )
         progress = counter()
         ds = score_dataset(

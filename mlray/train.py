@@ -146,7 +146,7 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
     common = dict(
         size=cfg.data.image_size, vocab=info.vocab, decode_batch_size=cfg.data.decode_batch_size,
         fetch_concurrency=cfg.data.fetch_concurrency, decode_num_cpus=cfg.data.decode_cpus,
-        decode=resolve_mode(cfg.data.decode, 1 if cfg.scaling.use_gpu else 0),
+        decode=resolve_mode(cfg.data.decode, 1 if cfg.scaling.use_gpu else 0, "train"),
     )
     datasets = {
         "train": image_dataset(cfg.data.manifest, cfg.data.train_split, shuffle=True, seed=cfg.optim.seed, **common),

@@ -50,7 +50,7 @@ def test_tag_prefix_on_s3_with_bad_and_odd_images(trained_run, corpus, s3_server
     run, _, _ = trained_run
     prefix, names = corpus
     out = prefix.replace("/all", "/tags")
-    summary = tag(run, prefix + "/", out, TagOptions(rows_per_file=100))
+    summary = tag(run, prefix + "/", out, TagOptions(rows_per_file=100, decode="cpu"))
     n_in = len(names) + len(good_variants()) + len(bad_variants())
     assert summary.rows_in == n_in and summary.rows_in_out == n_in
     assert summary.duplicates == 0 and summary.missing == 0
@@ -344,6 +344,14 @@ def test_bad_options_and_paths_fail_first_with_one_line(trained_run, tmp_path, c
         err = capsys.readouterr().err.strip()
         assert expected in err and len(err.splitlines()) == 1, (argv, err)
         assert not os.path.exists(tmp_path / "out" / "_summary.json")
+
+
+def test_decode_auto_without_a_gpu_decodes_in_the_scoring_actor_but_not_in_the_trainer():
+    from mlray.device_decode import resolve_mode
+
+    assert resolve_mode("auto", 0, "tag") == "device" and resolve_mode("auto", 0, "train") == "cpu"
+    assert resolve_mode("auto", 1, "tag") == resolve_mode("auto", 1, "train") == "device"
+    assert resolve_mode("cpu", 1, "tag") == "cpu"
 
 
 def test_the_tagging_driver_checks_the_model_without_importing_torch(trained_run):
