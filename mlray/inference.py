@@ -139,6 +139,9 @@ def _policy(predictor: Predictor, threshold: float | None, top_k: int | None):
     return predictor.art.policy
 
 
+MODEL_DOES_NOT_LOAD = "the model does not load in the scoring actor"
+
+
 class ScoreBatches:
     """Ray Data actor: decoded batches in, the tagging contract's rows out.
 
@@ -157,7 +160,11 @@ class ScoreBatches:
         self.decode_threads = decode_threads
         self.progress = progress  # a mlray.progress counter actor, told the rows of each batch
         self.embeddings = embeddings
-        self.predictor = Predictor.load(directory)
+        try:
+            self.predictor = Predictor.load(directory)
+        except (OSError, RuntimeError, ValueError, KeyError) as e:  # e.g. weights that do not fit config.yaml
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise RuntimeError(f"{MODEL_DOES_NOT_LOAD}: {first}") from None
         self.policy = _policy(self.predictor, threshold, top_k)
         self.model_id = self.predictor.art.model_id
         self.with_targets = with_targets

@@ -449,7 +449,7 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
         ds = ray.data.from_items([{"uri": f} for f in source.files], override_num_blocks=len(source.files))
         ds = ds.map_batches(score_embedding_rows, batch_format="pyarrow", batch_size=1,
                             fn_kwargs={"scorer": scorer, "new_refs": work.new_refs if state.total else None})
-        _write(ds, sink, progress, work.new)
+        _write(ds, sink, progress, work.new, model)
     elif work.new:
         if rows_from_plan:
             ds = ray.data.from_arrow_refs(work.new_refs)
@@ -474,7 +474,7 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
             actor_cpus=opts.actor_cpus, threshold=opts.threshold, top_k=opts.top_k, progress=progress,
             embeddings=opts.embeddings,
         )
-        _write(ds, sink, progress, work.new)
+        _write(ds, sink, progress, work.new, model)
     lease.check()
     seconds = time.time() - t0
     res = sink.result
@@ -506,7 +506,7 @@ def _unique(ids: pa.ChunkedArray) -> bool:
     return pc.count_distinct(ids).as_py() == len(ids)
 
 
-def _write(ds, sink, progress, rows: int) -> None:
+def _write(ds, sink, progress, rows: int, model: str) -> None:
     """Run the pipeline into the sink; any failure becomes one line saying to rerun."""
     from mlray.progress import Watcher
 
@@ -514,7 +514,13 @@ def _write(ds, sink, progress, rows: int) -> None:
         try:
             ds.write_datasink(sink)
         except Exception as e:  # noqa: BLE001 - a storage outage, a lost node: one clear line
-            cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            from mlray.inference import MODEL_DOES_NOT_LOAD
+
+            text = str(e)
+            if MODEL_DOES_NOT_LOAD in text:  # running again would not help
+                line = next(x for x in text.splitlines() if MODEL_DOES_NOT_LOAD in x)
+                raise TagError(f"--model {model}: {line[line.index(MODEL_DOES_NOT_LOAD):]}") from None
+            cause = text.strip().splitlines()[-1] if text.strip() else type(e).__name__
             raise TagError(
                 f"the tagging job stopped: {cause}\nEvery part written so far is complete and kept; "
                 "run the same command again to tag the rest"

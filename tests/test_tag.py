@@ -346,6 +346,26 @@ def test_bad_options_and_paths_fail_first_with_one_line(trained_run, tmp_path, c
         assert not os.path.exists(tmp_path / "out" / "_summary.json")
 
 
+def test_weights_that_do_not_fit_the_config_stop_the_job_naming_the_model(trained_run, local_ray, tmp_path):
+    """The driver checks only the weights' header; a config.yaml edited to another
+    architecture is found by the scoring actor, and the job says so (not 'run again')."""
+    import shutil
+
+    import yaml
+
+    run, _, root = trained_run
+    edited = tmp_path / "edited"
+    shutil.copytree(run, edited, ignore=shutil.ignore_patterns("checkpoint_*", "report"))
+    cfg = yaml.safe_load((edited / "config.yaml").read_text())
+    other = "tf_efficientnet_lite1" if cfg["model"]["name"] != "tf_efficientnet_lite1" else "tf_efficientnet_lite0"
+    cfg["model"]["name"] = other
+    (edited / "config.yaml").write_text(yaml.safe_dump(cfg))
+    images = os.path.join(root, "images", "mosaic_000[0-2]*.jpg")
+    with pytest.raises(TagError, match=r"--model .*edited: the model does not load in the scoring actor") as e:
+        tag(str(edited), images, str(tmp_path / "out"))
+    assert "run the same command again" not in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
 def test_decode_auto_without_a_gpu_decodes_in_the_scoring_actor_but_not_in_the_trainer():
     from mlray.device_decode import resolve_mode
 
