@@ -47,6 +47,12 @@ class DataConfig(_Section):
         description="MB of decoded images in each worker's local shuffle buffer; null = auto (on for packed "
         "manifests stored in source order, off when rows are stored shuffled), 0 = off",
     )
+    cache_mb: float | None = Field(
+        None, ge=0,
+        description="MB of each worker's in-memory copy of the rows its first epoch streamed, which later "
+        "epochs replay in a new order instead of reading and decoding again; null = auto (a quarter of the "
+        "node's available memory, shared among its workers), 0 = off (stream every epoch)",
+    )
     max_error_fraction: float = Field(0.01, ge=0, le=1, description="undecodable images tolerated before failing")
     decode: Literal["auto", "cpu", "device"] = Field(
         "auto", description="where images are decoded: cpu (Ray Data tasks), device (the training worker: nvJPEG "

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from mlray import rundir, storage
+from mlray import cache, rundir, storage
 from mlray.config import Config, training_facts
 from mlray.data import torch_collate
 from mlray.manifest import read_manifest
@@ -247,15 +247,16 @@ def _error_rows(batch: dict) -> list[tuple[str, str]]:
     return [(i, e) for i, e in zip(batch["image_id"], batch["error"]) if e]
 
 
-def _batches(iterator, dist: _Dist, skipped_errors: list, *, batch_size: int, decoded=lambda b: b, **kw):
-    """Yield full batches while *every* worker still has one.
+def _batches(source, dist: _Dist, skipped_errors: list, *, batch_size: int, decoded=lambda b: b):
+    """Yield full batches of ``source`` (``batch_size`` rows, the last may be short)
+    while *every* worker still has one.
 
     Rows that are not trained on (the short last batch, and what a worker has
     left when another one ran out) are still read to the end, so that their
     decode errors land in ``skipped_errors``: every bad row is counted, not
     only those that happened to fall in a trained batch.
     """
-    it = iter(iterator.iter_torch_batches(collate_fn=torch_collate(), batch_size=batch_size, drop_last=False, **kw))
+    it = iter(source)
     while True:
         batch = next(it, None)
         full = batch is not None and len(batch["image_id"]) == batch_size
@@ -264,6 +265,21 @@ def _batches(iterator, dist: _Dist, skipped_errors: list, *, batch_size: int, de
                 skipped_errors += _error_rows(decoded(rest))
             return
         yield batch
+
+
+def _commit_caches(caches: list, dist: _Dist, rank: int, limit: int, epoch: int) -> None:
+    """After the first recorded epoch: replay from memory only if every worker kept all its rows."""
+    everyone = dist.all_have(all(c.complete for c in caches))
+    for c in caches:
+        c.commit(everyone)
+    if rank == 0:
+        if everyone:
+            held = sum(c.nbytes for c in caches) / 2**20
+            _say(f"epochs after {epoch + 1} replay the rows this one streamed from memory ({held:,.0f} MB per "
+                 "worker), in a new order each epoch: no reading or decoding")
+        else:
+            _say(f"every epoch streams and decodes its images: a worker's rows did not fit its "
+                 f"{limit / 2**20:,.0f} MB for them (data.cache_mb; raise it to keep them in memory)")
 
 
 def amp_dtype(amp: bool, device: torch.device, bf16_supported: bool | None = None) -> torch.dtype | None:
@@ -563,6 +579,7 @@ class Recipe:
             "input_wait": st.wait / max(st.seconds, 1e-9),
             # of which: the epoch's stream starting up (read, first decode) before its first batch
             "first_batch_s": st.first_wait,
+            "train_images": int(total_seen),
             "decode_errors": int(total_bad),
             "restarts": self.state.restarts,
             "workers": dist.world,
@@ -656,19 +673,30 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         recipe.setup()
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    bs = cfg.data.batch_size
+    limit = cache.limit_bytes(cfg.data.cache_mb, ctx.get_local_world_size())
+    train_cache = cache.EpochCache(limit, seed=cfg.optim.seed, rank=rank)
+    val_cache = cache.EpochCache(limit, rank=rank)
+    to_commit = limit > 0  # the first epoch this process runs records; then the workers agree, once
     for epoch in range(recipe.state.epoch, cfg.optim.epochs):
         skipped: list = []
-        stats = recipe.train_epoch(epoch, _batches(
-            train_shard, dist, skipped, batch_size=cfg.data.batch_size,
-            local_shuffle_buffer_size=loop_cfg["shuffle_buffer_rows"], prefetch_batches=cfg.data.prefetch_batches,
-            decoded=recipe.decoded,
+        replay = train_cache.ready
+        train_source = train_cache.replay(epoch, bs) if replay else train_cache.record(train_shard.iter_torch_batches(
+            collate_fn=torch_collate(), batch_size=bs, drop_last=False, prefetch_batches=cfg.data.prefetch_batches,
+            local_shuffle_buffer_size=loop_cfg["shuffle_buffer_rows"],
         ))
+        stats = recipe.train_epoch(epoch, _batches(train_source, dist, skipped, batch_size=bs, decoded=recipe.decoded))
         stats.bad += skipped
-        val = recipe.validate(val_shard.iter_torch_batches(
-            batch_size=cfg.data.batch_size, prefetch_batches=2, collate_fn=torch_collate()
+        val_cache.limit = limit - train_cache.nbytes  # one budget for both splits
+        val = recipe.validate(val_cache.replay(None, bs) if replay else val_cache.record(
+            val_shard.iter_torch_batches(batch_size=bs, prefetch_batches=2, collate_fn=torch_collate())
         ))
+        if to_commit:
+            to_commit = False
+            _commit_caches([train_cache, val_cache], dist, rank, limit, epoch)
         record, policy, tuned, collapse, all_bad = recipe.epoch_record(epoch, stats, val)
         record["nodes"] = nodes
+        record["input_from_memory"] = replay
         improved, stop = recipe.finish_epoch(record)
         if rank == 0:
             _say(
@@ -676,7 +704,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 f"val_loss {record['val_loss']:.4f} val mAP {record['val_mAP']:.4f} (prior {record['prior_mAP']:.4f}) "
                 f"F1 micro {record['val_f1_micro']:.4f} @tuned / {record['val_f1_micro@0.5']:.4f} @0.5 "
                 f"{record['images_per_s']:.1f} img/s (input wait {record['input_wait']:.0%}, "
-                f"{record['first_batch_s']:.1f} s of it before the first batch)"
+                f"{record['first_batch_s']:.1f} s of it before the first batch"
+                + (", images from memory)" if replay else ")")
                 + (" *best*" if improved else "")
             )
             if collapse["collapsed"]:

@@ -56,6 +56,9 @@ def test_two_workers_learn_from_s3_and_checkpoint_to_s3(local_ray, s3_manifest):
     assert not hist[-1]["collapsed"]
     for h in hist:  # the input-wait diagnostics of the epoch line are shares and parts of the epoch
         assert 0 < h["input_wait"] < 1 and 0 < h["first_batch_s"] and h["images_per_s"] > 0
+    # epoch 2 replayed each worker's rows from memory (both workers agreed), on every row of the split
+    assert [h["input_from_memory"] for h in hist] == [False, True]
+    assert hist[1]["train_images"] == hist[0]["train_images"] > 0
     d = result.run_dir
     assert d.startswith("s3://")
     for name in (rundir.CONFIG, rundir.LABELS, rundir.WEIGHTS, rundir.THRESHOLDS, rundir.BEST, rundir.HISTORY):
@@ -202,10 +205,13 @@ def test_bad_images_are_counted_resume_continues_and_too_many_fail(local_ray, mo
     })
     first = train(cfg)
     assert first.history[0]["decode_errors"] == 3 and first.history[0]["phase"] == "2"
-    assert main(["train", "--resume", first.run_dir, "optim.epochs=2"]) == 0
+    assert main(["train", "--resume", first.run_dir, "optim.epochs=3"]) == 0
     hist = rundir.read_history(first.run_dir)
-    assert [h["epoch"] for h in hist] == [1, 2] and hist[1]["restarts"] == 1
-    assert rundir.load_artifacts(first.run_dir).config.optim.epochs == 2
+    assert [h["epoch"] for h in hist] == [1, 2, 3] and hist[1]["restarts"] == 1
+    assert rundir.load_artifacts(first.run_dir).config.optim.epochs == 3
+    # the resumed process streams its first epoch and replays the next from memory, bad rows counted alike
+    assert [h["input_from_memory"] for h in hist] == [False, False, True]
+    assert [h["decode_errors"] for h in hist] == [3, 3, 3]
 
     strict = cfg.model_copy(update={
         "data": cfg.data.model_copy(update={"max_error_fraction": 0.001}),

@@ -1,0 +1,56 @@
+"""The in-memory copy later epochs replay: every row once per epoch, a new order
+each epoch, error rows kept, and streaming again whenever any worker's copy is incomplete."""
+
+import numpy as np
+import torch
+
+from mlray.cache import EpochCache
+
+
+def _stream(n, batch, size=4):
+    """Batches shaped like the training stream's: uint8 images, multi-hot targets, ids and errors."""
+    for i in range(0, n, batch):
+        ids = np.arange(i, min(n, i + batch))
+        yield {
+            "image": torch.from_numpy(np.stack([np.full((size, size, 3), k % 256, np.uint8) for k in ids])),
+            "target": torch.from_numpy(np.stack([[k % 2, k % 3 == 0] for k in ids]).astype(np.uint8)),
+            "image_id": np.array([f"img_{k}" for k in ids], dtype=object),
+            "error": np.array(["truncated: cut" if k == 7 else "" for k in ids], dtype=object),
+        }
+
+
+def _rows(batches):
+    out = {}
+    for b in batches:
+        for j, i in enumerate(b["image_id"]):
+            out[i] = (int(b["image"][j, 0, 0, 0]), tuple(b["target"][j].tolist()), b["error"][j])
+    return out
+
+
+def test_replay_yields_every_row_once_with_its_own_data_in_a_new_order_each_epoch():
+    cache = EpochCache(2**20, seed=3)
+    streamed = list(cache.record(_stream(50, 16)))
+    assert cache.commit(True) and cache.rows == 50
+    orders = []
+    for epoch in (1, 2):
+        batches = list(cache.replay(epoch, 16))
+        assert [len(b["image_id"]) for b in batches] == [16, 16, 16, 2]  # the stream's batch sizes
+        assert _rows(batches) == _rows(streamed)  # each id with its own pixels, target and error
+        orders.append([i for b in batches for i in b["image_id"]])
+        assert len(set(orders[-1])) == 50
+    assert orders[0] != orders[1] and orders[0] != [f"img_{k}" for k in range(50)]
+    assert [i for b in cache.replay(None, 16) for i in b["image_id"]] == [f"img_{k}" for k in range(50)]
+
+
+def test_a_copy_over_its_limit_is_dropped_and_everyone_streams():
+    small = EpochCache(3 * 16 * 4 * 4 * 3, rank=1)  # room for the pixels of 2 batches of 3, not more
+    assert len(list(small.record(_stream(50, 16)))) == 4  # the stream itself is untouched
+    assert not small.complete and not small.commit(False)
+    roomy = EpochCache(2**20)
+    list(roomy.record(_stream(50, 16)))
+    assert roomy.complete
+    assert not roomy.commit(everyone_complete=False)  # another worker's copy was incomplete
+    assert not roomy.ready and roomy.chunks is None  # and the memory is given back
+    off = EpochCache(0)
+    list(off.record(_stream(10, 4)))
+    assert not off.complete
