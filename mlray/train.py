@@ -275,8 +275,8 @@ def _commit_caches(caches: list, dist: _Dist, rank: int, limit: int, epoch: int)
     if rank == 0:
         if everyone:
             held = sum(c.nbytes for c in caches) / 2**20
-            _say(f"epochs after {epoch + 1} replay the rows this one streamed from memory ({held:,.0f} MB per "
-                 "worker), in a new order each epoch: no reading or decoding")
+            _say(f"from epoch {epoch + 2} on, the rows epoch {epoch + 1} streamed are replayed from memory "
+                 f"({held:,.0f} MB per worker) in a new order each epoch: no reading or decoding")
         else:
             _say(f"every epoch streams and decodes its images: a worker's rows did not fit its "
                  f"{limit / 2**20:,.0f} MB for them (data.cache_mb; raise it to keep them in memory)")
@@ -674,10 +674,12 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     bs = cfg.data.batch_size
-    limit = cache.limit_bytes(cfg.data.cache_mb, ctx.get_local_world_size())
+    # The first epoch this process runs records its rows (unless it is the last); then the workers agree, once.
+    later = recipe.state.epoch + 1 < cfg.optim.epochs
+    limit = cache.limit_bytes(cfg.data.cache_mb, ctx.get_local_world_size()) if later else 0
     train_cache = cache.EpochCache(limit, seed=cfg.optim.seed, rank=rank)
     val_cache = cache.EpochCache(limit, rank=rank)
-    to_commit = limit > 0  # the first epoch this process runs records; then the workers agree, once
+    to_commit = limit > 0
     for epoch in range(recipe.state.epoch, cfg.optim.epochs):
         skipped: list = []
         replay = train_cache.ready
