@@ -693,9 +693,6 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         val = recipe.validate(val_cache.replay(None, bs) if replay else val_cache.record(
             val_shard.iter_torch_batches(batch_size=bs, prefetch_batches=2, collate_fn=torch_collate())
         ))
-        if to_commit:
-            to_commit = False
-            _commit_caches([train_cache, val_cache], dist, rank, limit, epoch)
         record, policy, tuned, collapse, all_bad = recipe.epoch_record(epoch, stats, val)
         record["nodes"] = nodes
         record["input_from_memory"] = replay
@@ -714,6 +711,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 _say(format_collapse(collapse))
             for i, e in all_bad[:10]:
                 _say(f"decode error {i}: {e}")
+        if to_commit:  # after the epoch's line, which it follows in the log
+            to_commit = False
+            _commit_caches([train_cache, val_cache], dist, rank, limit, epoch)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
