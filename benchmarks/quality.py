@@ -109,14 +109,12 @@ def _batches(n, bs, rng):
         yield order[i : i + bs]
 
 
-def _to_input(x_uint8, augment: bool, rng: torch.Generator | None = None):
-    from mlray.augment import color_jitter, normalize, random_resized_crop_flip, to_float
+def _to_input(x_uint8, augment: bool):
+    from mlray.augment import preprocess
     from mlray.config import AugmentConfig
 
-    x = to_float(torch.from_numpy(x_uint8), torch.device("cpu"))
-    if augment:  # "light": flips and mild crops
-        x = random_resized_crop_flip(x, AugmentConfig(scale_min=0.8, color_jitter=0.0))
-    return normalize(x, (0.5,) * 3, (0.5,) * 3).contiguous(memory_format=torch.channels_last)
+    light = AugmentConfig(scale_min=0.8, color_jitter=0.0)  # "light": flips and mild crops
+    return preprocess(torch.from_numpy(x_uint8), torch.device("cpu"), (0.5,) * 3, (0.5,) * 3, light if augment else None)
 
 
 def _scores(model, images, bs=64):
