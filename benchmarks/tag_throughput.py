@@ -39,10 +39,12 @@ def trained_run(manifest: str, size: int) -> str:
 
 
 def corpus(manifest: str, copies: int) -> str:
-    """A folder of image files: the manifest's images, ``copies`` times over."""
+    """A folder of image files: the manifest's images, ``copies`` times over
+    (cached under out/bench, named after the manifest's data set)."""
     from mlray.manifest import read_manifest
 
-    folder = os.path.join(os.path.abspath(OUT), f"corpus_x{copies}")
+    source = os.path.basename(os.path.dirname(os.path.abspath(manifest)))
+    folder = os.path.join(os.path.abspath(OUT), f"corpus_{source}_x{copies}")
     if os.path.exists(folder):
         return folder
     table, _ = read_manifest(manifest, with_images=True)

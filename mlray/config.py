@@ -99,7 +99,7 @@ class OptimConfig(_Section):
     accumulate: int = Field(1, ge=1, description="gradient accumulation steps")
     ema_decay: float | None = Field(None, gt=0, lt=1)
     early_stop_patience: int | None = Field(None, ge=1, description="epochs without val mAP gain before stopping")
-    amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    amp: bool = Field(True, description="mixed precision on GPU, training and scoring: bf16 where the GPU has it natively (compute capability >= 8.0), else fp16 with loss scaling; ignored on CPU")
     seed: int = 0
 
 

@@ -2,7 +2,8 @@
 
 Used by ``evaluate``, ``predict`` and ``tag`` alike, so all three score exactly
 the same way: the run directory's weights, the training image size and
-normalisation, bf16 autocast on GPU.
+normalisation, and the same mixed precision as training on that GPU (bf16
+where it is native, else fp16; ``models.amp_dtype``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Predictor:
     def __init__(self, art: RunArtifacts, device: str | torch.device | None = None):
         import torch
 
-        from mlray.models import create_model, normalization
+        from mlray.models import amp_dtype, create_model, normalization
 
         self.art = art
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -50,6 +51,13 @@ class Predictor:
         self.model = model
         self.mean, self.std = normalization(model)
         self.size = cfg.data.image_size
+        self.dtype = amp_dtype(cfg.optim.amp, self.device)  # fp16 needs no loss scaling to score
+
+    def autocast(self):
+        """The scoring precision's context: autocast on a GPU, nothing on CPU."""
+        import torch
+
+        return torch.autocast("cuda", dtype=self.dtype) if self.dtype else contextlib.nullcontext()
 
     @classmethod
     def load(cls, directory: str, device: str | torch.device | None = None) -> "Predictor":
@@ -73,8 +81,7 @@ class Predictor:
         if len(images) == 0:
             return np.zeros((0, len(self.vocab)), np.float32), (np.zeros((0, self.embedding_dim), np.float16) if embeddings else None)
         t = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else images  # a writable copy
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-        with torch.inference_mode(), amp:
+        with torch.inference_mode(), self.autocast():
             x = preprocess(t, self.device, self.mean, self.std)
             if embeddings:
                 pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)

@@ -153,6 +153,20 @@ def init_linear(head: nn.Linear, prior: list[float] | None = None) -> None:
                 head.bias.copy_(torch.log(p / (1 - p)))
 
 
+def amp_dtype(amp: bool, device: torch.device, capability: tuple[int, int] | None = None) -> torch.dtype | None:
+    """The autocast dtype for ``device``, one rule for training and scoring: none
+    on CPU or with ``amp`` off; bf16 where the GPU computes in it natively
+    (compute capability 8.0 and later: A100, L4, H100, ...), else fp16 (T4, V100:
+    training then scales its loss). Not ``torch.cuda.is_bf16_supported()``: that
+    also says yes where bf16 is only emulated, many times slower than fp16 there.
+    ``capability`` is the GPU's (major, minor); read from the device when None."""
+    if not amp or device.type != "cuda":
+        return None
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+
 def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     cfg = timm.data.resolve_data_config({}, model=model)
     return tuple(cfg["mean"]), tuple(cfg["std"])

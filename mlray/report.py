@@ -235,7 +235,8 @@ td:first-child{{text-align:left}}.warn{{background:#fee;border:1px solid #c33;pa
 def evaluate(run: str, manifest: str, split: str = "test", out: str | None = None, *,
              batch_size: int = 64, compare_strategies: bool = True, num_gpus: float = 0.0) -> dict:
     """Score ``split`` and write the report; returns the metrics dict. ``num_gpus``:
-    GPUs of the scoring actor (1 on a GPU machine; it then scores in bf16)."""
+    GPUs of the scoring actor (1 on a GPU machine; it then scores in the run's
+    mixed precision, ``models.amp_dtype``)."""
     from mlray.config import training_facts
     from mlray.rundir import load_artifacts, read_history
     from mlray.thresholds import compare_strategies as compare

@@ -5,7 +5,7 @@
     checks (options, OUT, model, input) -> lease on OUT -> plan: OUT's ids joined
       with the input's in Ray tasks (``mlray.tag_plan``), duplicates repaired
       -> fetch (retried) + decode (CPU tasks) -> model in an actor pool (GPU:
-      num_gpus=1 per actor, bf16) -> atomic Parquet parts -> ``_summary.json``
+      num_gpus=1 per actor, bf16/fp16 autocast) -> atomic Parquet parts -> ``_summary.json``
 
 Exactly once: every input row ends up once in OUT. Each output file appears
 atomically and is named by a digest of the ids it holds, so a retried write

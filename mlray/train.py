@@ -247,6 +247,16 @@ def _error_rows(batch: dict) -> list[tuple[str, str]]:
     return [(i, e) for i, e in zip(batch["image_id"], batch["error"]) if e]
 
 
+def _good_rows(batch: dict, ok: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and targets of the rows marked ``ok`` (all rows when None). A
+    batch whose rows all decoded, the usual case, passes as it is: a boolean mask
+    would copy it, and on a GPU (images decoded there) make the host wait."""
+    if ok is None or ok.all():
+        return batch["image"], batch["target"]
+    keep = torch.from_numpy(ok)
+    return batch["image"][keep.to(batch["image"].device)], batch["target"][keep.to(batch["target"].device)]
+
+
 def _batches(source, dist: _Dist, skipped_errors: list, *, batch_size: int, decoded=lambda b: b):
     """Yield full batches of ``source`` (``batch_size`` rows, the last may be short)
     while *every* worker still has one.
@@ -280,17 +290,6 @@ def _commit_caches(caches: list, dist: _Dist, rank: int, limit: int, epoch: int)
         else:
             _say(f"every epoch streams and decodes its images: a worker's rows did not fit its "
                  f"{limit / 2**20:,.0f} MB for them (data.cache_mb; raise it to keep them in memory)")
-
-
-def amp_dtype(amp: bool, device: torch.device, bf16_supported: bool | None = None) -> torch.dtype | None:
-    """The autocast dtype of training on ``device``: none on CPU or with
-    ``optim.amp`` off; bf16 where the GPU supports it (Ampere and later), else
-    fp16 (with loss scaling, see ``Recipe``). Chosen once per run."""
-    if not amp or device.type != "cuda":
-        return None
-    if bf16_supported is None:
-        bf16_supported = torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if bf16_supported else torch.float16
 
 
 def _say(message: str) -> None:
@@ -341,6 +340,8 @@ class Recipe:
 
     def __init__(self, cfg: Config, vocab: list[str], positives: list[int], n_train: int, *,
                  device: torch.device, dist: "_Dist", rank: int = 0):
+        from mlray.models import amp_dtype
+
         self.cfg, self.vocab, self.positives, self.n_train = cfg, vocab, positives, n_train
         self.device, self.dist, self.rank = device, dist, rank
         self.prior = [p / n_train for p in positives]
@@ -351,7 +352,7 @@ class Recipe:
         self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         if dtype is not None and rank == 0:
             _say(f"mixed precision: {str(dtype).removeprefix('torch.')} autocast"
-                 + (" with loss scaling (this GPU has no bf16)" if self.scaler else ""))
+                 + (" with loss scaling (this GPU has no native bf16)" if self.scaler else ""))
         self.phase = None
         self.ddp = None
         self.decoder = None  # made at the first batch of encoded bytes (data.decode device)
@@ -473,9 +474,9 @@ class Recipe:
             batch = self.decoded(batch)
             ok = np.array([e == "" for e in batch["error"]])
             st.bad += _error_rows(batch)
-            keep = torch.from_numpy(ok) if ok.any() else torch.ones(len(ok), dtype=torch.bool)
-            x = preprocess(batch["image"][keep.to(batch["image"].device)], self.device, self.mean, self.std, cfg.data.augment)
-            y = to_device(batch["target"][keep], self.device).float()
+            images, targets = _good_rows(batch, ok if ok.any() else None)
+            x = preprocess(images, self.device, self.mean, self.std, cfg.data.augment)
+            y = to_device(targets, self.device).float()
             last = (micro + 1) % accumulate == 0
             sync = contextlib.nullcontext() if (last or self.dist.world == 1) else self.ddp.no_sync()
             with sync:
@@ -518,9 +519,8 @@ class Recipe:
                 bad += _error_rows(batch)
                 if not ok.any():
                     continue
-                sel = torch.from_numpy(ok)
-                x = preprocess(batch["image"][sel.to(batch["image"].device)], self.device, self.mean, self.std)
-                y = batch["target"][sel]
+                images, y = _good_rows(batch, ok)
+                x = preprocess(images, self.device, self.mean, self.std)
                 with self.autocast():
                     logits = model(x).float()
                 loss_sum += self.loss_fn(logits, y.to(self.device).float()).item() * len(y)

@@ -71,12 +71,16 @@ def test_mixed_precision_is_chosen_by_what_the_gpu_supports_and_gpus_are_whole()
     import pytest
 
     from mlray.config import ConfigError
-    from mlray.train import amp_dtype
+    from mlray.models import amp_dtype
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert amp_dtype(True, cuda, bf16_supported=True) == torch.bfloat16
-    assert amp_dtype(True, cuda, bf16_supported=False) == torch.float16  # e.g. T4, V100: with loss scaling
-    assert amp_dtype(True, cpu) is None and amp_dtype(False, cuda, bf16_supported=True) is None
+    for capability in [(8, 0), (8, 9), (9, 0), (10, 0)]:  # A100, L4, H100, B200: native bf16
+        assert amp_dtype(True, cuda, capability) == torch.bfloat16
+    # T4, V100: torch.cuda.is_bf16_supported() says yes there (bf16 is emulated, many
+    # times slower than fp16), so the rule is the capability: fp16, with loss scaling
+    for capability in [(7, 5), (7, 0), (6, 1)]:
+        assert amp_dtype(True, cuda, capability) == torch.float16
+    assert amp_dtype(True, cpu) is None and amp_dtype(False, cuda, (9, 0)) is None
     base = {"data": {"manifest": "unused"}, "run": {"name": "gpus"}}
     with pytest.raises(ConfigError, match=r"scaling\.gpus_per_worker=0\.5"):
         build_config({**base, "scaling": {"use_gpu": True, "gpus_per_worker": 0.5}})
@@ -109,3 +113,17 @@ def test_encoded_batches_decode_on_the_worker_like_decoded_ones():
     assert out["error"][1].startswith("not_an_image") and out["error"][0] == ""
     st = b.train_epoch(1, [encoded(_batch(8), bad=(2,))])
     assert st.seen == 3 and [i for i, _ in st.bad] == ["b8_2"]
+
+
+def test_a_batch_whose_rows_all_decoded_is_stepped_without_a_copy():
+    """The usual batch goes to the model as it came (a boolean mask would copy it,
+    and make the host wait on a GPU); a batch with bad rows loses exactly those."""
+    from mlray.train import _good_rows
+
+    good = _batch(8)
+    ok = np.array([e == "" for e in good["error"]])
+    images, targets = _good_rows(good, ok)
+    assert images.data_ptr() == good["image"].data_ptr() and targets.data_ptr() == good["target"].data_ptr()
+    bad = _batch(9, errors=(1, 3))
+    images, targets = _good_rows(bad, np.array([e == "" for e in bad["error"]]))
+    assert torch.equal(images, bad["image"][[0, 2]]) and torch.equal(targets, bad["target"][[0, 2]])
