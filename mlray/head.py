@@ -217,7 +217,8 @@ def train_head(model: str, embeddings: str, manifest: str, out: str, opts: HeadO
     t0 = time.time()
     if storage.exists(storage.join(out, rundir.WEIGHTS)):
         raise ValueError(f"--out {out} already holds a run (model.safetensors); choose a new run directory")
-    predictor = Predictor.load(model, opts.device)
+    # unfolded: the new run's weights file is this model's state dict with the new head
+    predictor = Predictor.load(model, opts.device, fuse=False)
     state, info = tag_plan.embedding_parts(embeddings)
     tag_plan.check_backbone(info, predictor.backbone_digest, predictor.embedding_dim, embeddings, model)
     table, vocab = read_manifest(manifest)

@@ -35,10 +35,11 @@ if TYPE_CHECKING:
 class Predictor:
     """The model of a run directory (or checkpoint folder), on one device."""
 
-    def __init__(self, art: RunArtifacts, device: str | torch.device | None = None):
+    def __init__(self, art: RunArtifacts, device: str | torch.device | None = None, fuse: bool = True):
+        """``fuse``: fold BatchNorm into the convolutions before it (``models.fused_model``)."""
         import torch
 
-        from mlray.models import amp_dtype, create_model, normalization
+        from mlray.models import amp_dtype, create_model, fused_model, normalization
 
         self.art = art
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -46,6 +47,12 @@ class Predictor:
         model = create_model(cfg.model.model_copy(update={"pretrained": "none"}), len(art.vocab))
         model.load_state_dict(rundir.load_weights(rundir.scoring_weights(art.directory)))
         model = model.to(self.device).eval()
+        head = {id(p) for p in model.get_classifier().parameters()}
+        # the backbone's weights as trained (names and dtypes), for backbone_digest: folding changes them
+        self._backbone_keys = [(k, v.dtype) for k, v in model.state_dict(keep_vars=True).items() if id(v) not in head]
+        self.fused = 0
+        if fuse:
+            model, self.fused = fused_model(model, cfg.data.image_size)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -60,8 +67,8 @@ class Predictor:
         return torch.autocast("cuda", dtype=self.dtype) if self.dtype else contextlib.nullcontext()
 
     @classmethod
-    def load(cls, directory: str, device: str | torch.device | None = None) -> "Predictor":
-        return cls(load_artifacts(directory), device)
+    def load(cls, directory: str, device: str | torch.device | None = None, fuse: bool = True) -> "Predictor":
+        return cls(load_artifacts(directory), device, fuse)
 
     @property
     def vocab(self) -> list[str]:
@@ -97,14 +104,13 @@ class Predictor:
 
     @functools.cached_property
     def backbone_digest(self) -> str:
-        """sha256 (16 hex) of every weight but the head's: equal digests, equal embeddings."""
-        head = {id(p) for p in self.model.get_classifier().parameters()}
+        """sha256 (16 hex) of every weight but the head's, as trained (read from the
+        run's weights file, not from the folded model): equal digests, equal embeddings."""
+        weights = rundir.load_weights(rundir.scoring_weights(self.art.directory))
         h = hashlib.sha256()
-        for name, p in self.model.state_dict(keep_vars=True).items():
-            if id(p) in head:
-                continue
+        for name, dtype in self._backbone_keys:
             h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+            h.update(weights[name].to(dtype).contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
 

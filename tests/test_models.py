@@ -10,7 +10,7 @@ import torch
 
 from mlray import storage
 from mlray.config import ModelConfig
-from mlray.models import WeightsError, create_model, init_head, set_trainable, stage_names
+from mlray.models import WeightsError, create_model, fused_model, init_head, set_trainable, stage_names
 
 
 def _save(uri, sd):
@@ -82,3 +82,44 @@ def test_freezing_head_last_stages_and_prior_init():
     init_head(model, [0.5, 0.1, 0.01, 0.9])
     b = model.get_classifier().bias.detach()
     assert torch.allclose(torch.sigmoid(b), torch.tensor([0.5, 0.1, 0.01, 0.9]), atol=1e-5)
+
+
+def _random_norm_stats(model):
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18"])
+def test_scoring_folds_batchnorm_into_convolutions_with_the_same_outputs(name):
+    model = _random_norm_stats(timm.create_model(name, pretrained=False, num_classes=7)).eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        want = model(x)
+    folded, n = fused_model(model, 64)
+    assert n > 10 and folded is not model
+    assert not any(type(m) in (torch.nn.BatchNorm2d, timm.layers.BatchNormAct2d) for m in folded.modules())
+    with torch.inference_mode():
+        assert torch.allclose(folded(x), want, atol=1e-4)
+        assert torch.equal(model(x), want)  # the original is left as it was
+
+
+def test_a_net_whose_forward_does_not_follow_its_layer_order_is_not_folded():
+    class NormFirst(torch.nn.Module):  # conv registered before the norm, but the norm runs first
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(3)
+            self.head = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.conv(self.bn(x)).mean((2, 3)))
+
+    model = _random_norm_stats(NormFirst()).eval()
+    folded, n = fused_model(model, 16)
+    assert folded is model and n == 0

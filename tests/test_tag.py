@@ -93,7 +93,8 @@ def test_scores_match_a_plain_pytorch_loop(trained_run, corpus, local_ray, tmp_p
     out = str(tmp_path / "tags")
     tag(run, os.path.join(root, "images"), out, TagOptions(batch_size=16))
     t = pq.read_table(out).to_pandas().set_index("image_id")
-    p = Predictor.load(run, "cpu")
+    p = Predictor.load(run, "cpu", fuse=False)  # the model as trained: tag scores with BatchNorm folded
+    assert p.fused == 0 and Predictor.load(run, "cpu").fused > 0
     for name in names[:40:8]:
         img = decode(open(os.path.join(root, "images", name), "rb").read(), p.size)
         ref = p.scores(img[None])[0]
