@@ -1,9 +1,10 @@
 """A trained model ready to score images, alone or as a Ray Data actor pool.
 
 Used by ``evaluate``, ``predict`` and ``tag`` alike, so all three score exactly
-the same way: the run directory's weights, the training image size and
-normalisation, and the same mixed precision as training on that GPU (bf16
-where it is native, else fp16; ``models.amp_dtype``).
+the same way: the run directory's weights (BatchNorm folded into the
+convolutions, checked against the model as trained; ``models.fused_model``),
+the training image size and normalisation, and the same mixed precision as
+training on that GPU (bf16 where it is native, else fp16; ``models.amp_dtype``).
 """
 
 from __future__ import annotations
