@@ -115,16 +115,37 @@ def in_fresh_process(module: str, func: str, *args):
 
 
 def run_code(code: str, env: dict | None = None):
-    """Run Python ``code`` in a fresh interpreter; it prints ``RESULT <json>``, which is returned."""
+    """Run Python ``code`` in a fresh interpreter; it prints ``RESULT <json>``, which is
+    returned once every process it started has exited (``wait_group_gone``)."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **(env or {}), "RAY_AUTH_MODE": "disabled"})
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {}), "RAY_AUTH_MODE": "disabled"}, start_new_session=True)
+    stdout, stderr = proc.communicate()
+    wait_group_gone(proc.pid)
+    line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not line:
-        raise RuntimeError(f"failed:\n{code}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"failed:\n{code}\n{stdout[-2000:]}\n{stderr[-3000:]}")
     return json.loads(line[-1][len("RESULT "):])
+
+
+def wait_group_gone(pgid: int, timeout: float = 60.0) -> None:
+    """Wait until no process of group ``pgid`` is left. A local Ray's workers stop
+    a second or two after its driver has exited (when they see their raylet gone);
+    the next case of a benchmark must not share the cores with them."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.killpg(pgid, signal.SIGKILL)
+    raise RuntimeError(f"processes of group {pgid} still running {timeout:.0f} s after its leader exited (killed)")
 
 
 def cached_run(name: str, manifest: str, size: int, **optim) -> str:

@@ -7,6 +7,7 @@ joins that cluster; without it, a fresh local Ray starts inside the process
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -135,10 +136,35 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False, training: bool = 
             os.environ.setdefault(k, v)
         hook = {"runtime_env": {"worker_process_setup_hook": "mlray.runtime.quiet_embedded_ray"}} if training else {}
         _EMBEDDED["started"] = True
+        _EMBEDDED["quiet"] = quiet
         ray.init(
             address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet,
             _system_config=system or None, **hook, **level,
         )
+        atexit.unregister(_stop_embedded_ray)
+        atexit.register(_stop_embedded_ray)  # runs before Ray's own exit hook, registered when ray was imported
+
+
+def _stop_embedded_ray() -> None:
+    """Exit hook of a process that started the embedded Ray; runs before Ray's own.
+
+    Ray's shutdown stops the GCS first and the autoscaler monitor after it; the
+    monitor answers SIGTERM by reporting its own death to the GCS, which is gone,
+    so it hangs until Ray kills it a second later. Killed first it holds nothing
+    (the embedded cluster has no nodes to add or remove): every command paid that
+    second at exit. Then, when the driver takes no worker output (``quiet``), Ray
+    is shut down here: Ray's exit hook first sleeps half a second so the
+    workers' last lines can reach the console, and there are none to wait for."""
+    import ray
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    for info in (getattr(node, "all_processes", None) or {}).get("monitor", []):
+        if info.process.poll() is None:
+            info.process.kill()
+            info.process.wait(timeout=5)
+    if _EMBEDDED.get("quiet") and ray.is_initialized():
+        ray.shutdown()
 
 
 def cluster_cpus() -> float:

@@ -162,6 +162,10 @@ def test_concurrent_jobs_have_one_writer_and_a_rerun_has_nothing_to_do(trained_r
     out = prefix.replace("/all", "/together")
     procs = [_tag_cli(run, inp, out, "--rows-per-file", "50") for _ in range(2)]
     results = [(p.wait(timeout=400), p.stdout.read()) for p in procs]
+    from benchmarks.common import wait_group_gone
+
+    for p in procs:  # the local Ray a job started leaves nothing running behind it (raises if it does)
+        wait_group_gone(p.pid, timeout=60)
     codes = sorted(rc for rc, _ in results)
     assert codes == [0, 2], results
     refused = next(text for rc, text in results if rc == 2)
