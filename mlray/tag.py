@@ -75,6 +75,7 @@ class TagOptions:
     lease_ttl: float = 120.0  # seconds a lease lives without renewal (renewed every third of it)
     embeddings: bool = False  # add the pooled features that feed the head (list<float16>) per scored row
     from_embeddings: bool = False  # the input is a tag OUT with embeddings: rescore them, read no image
+    precision: str = "auto"  # scoring: auto (the run's mixed precision on a GPU, fp32 on CPU), fp32, bf16
     decode: str = "auto"  # cpu: in CPU tasks; device: in the scoring actor (nvJPEG on its GPU); auto: device (see device_decode.CPU_DEFAULT)
 
 
@@ -249,6 +250,10 @@ def check_options(opts: TagOptions) -> None:
 
     if opts.decode not in DECODE_MODES:
         raise TagError(f"--decode {opts.decode}: choose one of {', '.join(DECODE_MODES)}")
+    from mlray.config import PRECISIONS
+
+    if opts.precision not in PRECISIONS:
+        raise TagError(f"--precision {opts.precision}: choose one of {', '.join(PRECISIONS)}")
 
 
 def check_out(out: str) -> None:
@@ -472,7 +477,7 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
         ds = score_dataset(
             ds, model, batch_size=opts.batch_size, concurrency=opts.concurrency, num_gpus=opts.num_gpus,
             actor_cpus=opts.actor_cpus, threshold=opts.threshold, top_k=opts.top_k, progress=progress,
-            embeddings=opts.embeddings,
+            embeddings=opts.embeddings, precision=opts.precision,
         )
         _write(ds, sink, progress, work.new, model)
     lease.check()

@@ -71,7 +71,7 @@ def test_mixed_precision_is_chosen_by_what_the_gpu_supports_and_gpus_are_whole()
     import pytest
 
     from mlray.config import ConfigError
-    from mlray.models import amp_dtype
+    from mlray.models import amp_dtype, scoring_dtype
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for capability in [(8, 0), (8, 9), (9, 0), (10, 0)]:  # A100, L4, H100, B200: native bf16
@@ -81,6 +81,11 @@ def test_mixed_precision_is_chosen_by_what_the_gpu_supports_and_gpus_are_whole()
     for capability in [(7, 5), (7, 0), (6, 1)]:
         assert amp_dtype(True, cuda, capability) == torch.float16
     assert amp_dtype(True, cpu) is None and amp_dtype(False, cuda, (9, 0)) is None
+    # scoring (tag, evaluate, predict --precision): auto is the run's rule; fp32 and bf16 hold on any device
+    assert scoring_dtype("auto", True, cpu) is None and scoring_dtype("fp32", True, cuda) is None
+    assert scoring_dtype("bf16", True, cpu) == torch.bfloat16 and scoring_dtype("bf16", False, cuda) == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16"):
+        scoring_dtype("fp16", True, cpu)
     base = {"data": {"manifest": "unused"}, "run": {"name": "gpus"}}
     with pytest.raises(ConfigError, match=r"scaling\.gpus_per_worker=0\.5"):
         build_config({**base, "scaling": {"use_gpu": True, "gpus_per_worker": 0.5}})

@@ -106,6 +106,13 @@ def test_scores_match_a_plain_pytorch_loop(trained_run, corpus, local_ray, tmp_p
     for row in top.to_pylist()[:50]:
         best = {vocab[j] for j in np.argsort(-np.asarray(row["scores"]))[:2]}
         assert set(row["labels"]) == best
+    # --precision bf16 scores in bf16 on CPU too: within bf16's tolerance of the fp32
+    # scores, and not equal to them (it did run in bf16)
+    half = pq.read_table(tag(run, os.path.join(root, "images", "mosaic_000[0-4]*.jpg"), str(tmp_path / "bf16"),
+                             TagOptions(precision="bf16")).out).to_pandas().set_index("image_id")
+    assert len(half) > 0 and set(half.index) <= set(t.index)
+    diff = np.stack([np.abs(np.asarray(half.loc[i, "scores"]) - np.asarray(t.loc[i, "scores"])) for i in half.index])
+    assert 1e-4 < diff.max() < 0.1 and diff.mean() < 0.01, (diff.max(), diff.mean())
 
 
 def _tag_cli(run, inp, out, *extra):
