@@ -8,7 +8,8 @@ Both run at N and 10xN images, interleaved (tag N, tag 10N, loop N, loop 10N,
 again) over ``--rounds`` rounds, each in a fresh process. Steady state is the
 extra images over the extra time (10N - N over t(10N) - t(N)), so start-up cancels
 out; start-up included is 10N over the whole process time, interpreter start to
-exit, for both. Memory is the peak of the summed PSS of every process of the job
+exit, for both. The opt-in ``--precision bf16`` runs too, at N and 10N (no target:
+it changes the scores). Memory is the peak of the summed PSS of every process of the job
 and its descendants (driver, local Ray, decode tasks, scoring actor; pages shared
 through the object store counted once), sampled every 0.5 s. Streaming keeps it
 from growing with the corpus; the scoring actor's heap still climbs over its first
