@@ -133,45 +133,42 @@ def main(argv=None) -> list[dict]:
     }, args.rounds)
     for k in res:
         assert all(r["images"] == (n10 if k.endswith("10n") else n) for r in res[k]), (k, res[k])
-    # steady state: the extra images over the extra time, so every fixed cost cancels
-    tag_steady = [(n10 - n) / (b["wall_s"] - a["wall_s"]) for a, b in zip(res["tag_n"], res["tag_10n"])]
-    plain_steady = [(n10 - n) / (b["loop_s"] - a["loop_s"]) for a, b in zip(res["plain_n"], res["plain_10n"])]
-    fused_steady = [(n10 - n) / (b["loop_s"] - a["loop_s"]) for a, b in zip(res["fused_n"], res["fused_10n"])]
+    def steady(case: str, field: str = "wall_s") -> list[float]:
+        """The extra images over the extra time (10N - N), so every fixed cost cancels."""
+        return [(n10 - n) / (b[field] - a[field]) for a, b in zip(res[f"{case}_n"], res[f"{case}_10n"])]
+
+    def whole(case: str) -> list[float]:
+        """The 10N-image job over its whole process time, start-up included."""
+        return [n10 / r["wall_s"] for r in res[f"{case}_10n"]]
+
+    def row(name: str, ours: list[float], baseline: str, base: list[float], **extra) -> dict:
+        return {"benchmark": name, "mlray_img_s": spread(ours), "baseline": baseline, "baseline_img_s": spread(base),
+                "ratio": paired_ratio(ours, base), **extra}
+
+    tag_steady, tag_all = steady("tag"), whole("tag")
+    plain_steady, plain_all = steady("plain", "loop_s"), whole("plain")
     tag_startup = [a["wall_s"] - n / s for a, s in zip(res["tag_n"], tag_steady)]
-    tag_all = [n10 / r["wall_s"] for r in res["tag_10n"]]
-    plain_all = [n10 / r["wall_s"] for r in res["plain_10n"]]
     mem = [b["peak"] / a["peak"] for a, b in zip(res["tag_n"], res["tag_10n"])]
     # does memory still grow late in the long run? (the allocator's high-water mark
     # settles after some batches; a stream that held data would keep climbing)
     late = [r["peak"] / r["peak_first_half"] for r in res["tag_10n"]]
-    cpu_steady = [(n10 - n) / (b["wall_s"] - a["wall_s"]) for a, b in zip(res["cpu_n"], res["cpu_10n"])]
-    cpu_all = [n10 / r["wall_s"] for r in res["cpu_10n"]]
-    bf16_steady = [(n10 - n) / (b["wall_s"] - a["wall_s"]) for a, b in zip(res["bf16_n"], res["bf16_10n"])]
-    bf16_all = [n10 / r["wall_s"] for r in res["bf16_10n"]]
     rows = [
-        {"benchmark": "tag, steady state", "mlray_img_s": spread(tag_steady),
-         "baseline": "plain PyTorch batched loop, 1 process, same malloc settings",
-         "baseline_img_s": spread(plain_steady), "ratio": paired_ratio(tag_steady, plain_steady),
-         "mlray_startup_s": spread(tag_startup)},
-        {"benchmark": "tag, steady state, framework alone", "mlray_img_s": spread(tag_steady),
-         "baseline": "the same loop scoring with BatchNorm folded, as mlray does", "baseline_img_s": spread(fused_steady),
-         "ratio": paired_ratio(tag_steady, fused_steady)},
-        {"benchmark": f"tag, {n10} files, start-up included", "mlray_img_s": spread(tag_all),
-         "baseline": "the same loop, process start to end", "baseline_img_s": spread(plain_all),
-         "ratio": paired_ratio(tag_all, plain_all)},
-        {"benchmark": "tag --decode cpu (CPU tasks), steady state", "mlray_img_s": spread(cpu_steady),
-         "baseline": "tag's default (the scoring actor decodes), steady state", "baseline_img_s": spread(tag_steady),
-         "ratio": paired_ratio(cpu_steady, tag_steady), "whole_job_ratio": paired_ratio(cpu_all, tag_all)},
+        row("tag, steady state", tag_steady, "plain PyTorch batched loop, 1 process, same malloc settings",
+            plain_steady, mlray_startup_s=spread(tag_startup)),
+        row("tag, steady state, framework alone", tag_steady,
+            "the same loop scoring with BatchNorm folded, as mlray does", steady("fused", "loop_s")),
+        row(f"tag, {n10} files, start-up included", tag_all, "the same loop, process start to end", plain_all),
+        row("tag --decode cpu (CPU tasks), steady state", steady("cpu"),
+            "tag's default (the scoring actor decodes), steady state", tag_steady,
+            whole_job_ratio=paired_ratio(whole("cpu"), tag_all)),
         {"benchmark": "tag memory", "peak_pss_n_mb": spread([r["peak"] / 2**20 for r in res["tag_n"]]),
          "peak_pss_10n_mb": spread([r["peak"] / 2**20 for r in res["tag_10n"]]), "images_n": n, "ratio": spread(mem),
          "second_half_growth": spread(late)},
         # opt-in, not the default: it changes the scores (no target row)
-        {"benchmark": "tag --precision bf16, steady state", "mlray_img_s": spread(bf16_steady),
-         "baseline": "tag's default (fp32 on CPU), steady state", "baseline_img_s": spread(tag_steady),
-         "ratio": paired_ratio(bf16_steady, tag_steady)},
-        {"benchmark": f"tag --precision bf16, {n10} files, start-up included", "mlray_img_s": spread(bf16_all),
-         "baseline": "the plain loop (fp32), process start to end", "baseline_img_s": spread(plain_all),
-         "ratio": paired_ratio(bf16_all, plain_all)},
+        row("tag --precision bf16, steady state", steady("bf16"), "tag's default (fp32 on CPU), steady state",
+            tag_steady),
+        row(f"tag --precision bf16, {n10} files, start-up included", whole("bf16"),
+            "the plain loop (fp32), process start to end", plain_all),
     ]
     record("tag", rows)
     print(fmt_table(["benchmark", "mlray img/s", "baseline", "baseline img/s", "ratio (median, range)"],
