@@ -212,12 +212,17 @@ def is_dir(uri: str) -> bool:
 def read_bytes(uri: str) -> bytes:
     """An object's bytes; transient errors are retried, then raised with ``transient`` set."""
     fs, path = resolve(uri)
+    return read_from(fs, path, uri)
+
+
+def read_from(fs: pafs.FileSystem, path: str, what: str) -> bytes:
+    """``read_bytes`` for a path on a filesystem already at hand (one Ray handed over)."""
 
     def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
 
-    return retrying(read, uri)
+    return retrying(read, what)
 
 
 def _read_or_error(uri: str) -> bytes | StorageError:

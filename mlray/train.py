@@ -17,11 +17,13 @@ from the last checkpoint (``run.max_failures``).
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +36,32 @@ from mlray.data import torch_collate
 from mlray.manifest import read_manifest
 
 STATE_FILE = "train_state.pt"
+OPTIONAL_CHECKPOINT_FILES = (rundir.EMA_FILE,)
+
+
+def checkpoint_reader(checkpoint) -> Callable[[str], bytes | None]:
+    """``read(name)``: a file of a Ray Train checkpoint, read into memory straight from
+    where the checkpoint is stored (transient errors retried); ``None`` for an optional
+    file the checkpoint does not have.
+
+    Not ``Checkpoint.as_directory()``: it downloads into one temporary directory that
+    all workers on a machine share, and a worker that gets there after another's
+    download has finished downloads again over the files the other is reading (seen
+    as "safetensors ... header too small" on resume with two workers on a machine)."""
+    import pyarrow.fs as pafs
+
+    fs, base = checkpoint.filesystem, checkpoint.path.rstrip("/")
+
+    def read(name: str) -> bytes | None:
+        path = f"{base}/{name}"
+        what = f"checkpoint file {path}"
+        if name in OPTIONAL_CHECKPOINT_FILES:
+            info = storage.retrying(lambda: fs.get_file_info(path), what)
+            if info.type == pafs.FileType.NotFound:
+                return None
+        return storage.read_from(fs, path, what)
+
+    return read
 
 
 @dataclass
@@ -372,7 +400,8 @@ class Recipe:
                 "error": np.array(errors, dtype=object)}
 
     # ---- setup
-    def setup(self, checkpoint_dir: str | None = None) -> None:
+    def setup(self, checkpoint: Callable[[str], bytes | None] | None = None) -> None:
+        """Model, loss and optimiser; restored from ``checkpoint`` (a ``checkpoint_reader``) when given."""
         from mlray.losses import create_loss
         from mlray.models import create_model, init_head, normalization, param_groups
 
@@ -397,15 +426,18 @@ class Recipe:
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         self.warmup = int(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.unfreeze_step = cfg.optim.freeze_epochs * self.steps_per_epoch
-        if checkpoint_dir is not None:
-            self._restore(checkpoint_dir)
+        if checkpoint is not None:
+            self._restore(checkpoint)
 
-    def _restore(self, d: str) -> None:
-        self.model.load_state_dict(rundir.load_weights(os.path.join(d, rundir.WEIGHTS)))
-        saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    def _restore(self, read: Callable[[str], bytes | None]) -> None:
+        from safetensors.torch import load
+
+        self.model.load_state_dict(load(read(rundir.WEIGHTS)))
+        saved = torch.load(io.BytesIO(read(STATE_FILE)), map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(saved["optimizer"])
-        if self.ema is not None and os.path.exists(os.path.join(d, rundir.EMA_FILE)):
-            self.ema.module.load_state_dict(rundir.load_weights(os.path.join(d, rundir.EMA_FILE)))
+        ema = read(rundir.EMA_FILE) if self.ema is not None else None
+        if ema is not None:
+            self.ema.module.load_state_dict(load(ema))
         self.state = _State(**{k: saved[k] for k in ("epoch", "step", "best_map", "bad_epochs", "restarts", "history")})
         self.state.restarts += 1
 
@@ -664,13 +696,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     recipe = Recipe(cfg, loop_cfg["vocab"], loop_cfg["positives"], loop_cfg["n_train"], device=device,
                     dist=dist, rank=rank)
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            recipe.setup(d)
-        if rank == 0:
-            _say(f"resumed from checkpoint at epoch {recipe.state.epoch} (step {recipe.state.step})")
-    else:
-        recipe.setup()
+    recipe.setup(checkpoint_reader(checkpoint) if checkpoint else None)
+    if checkpoint and rank == 0:
+        _say(f"resumed from checkpoint at epoch {recipe.state.epoch} (step {recipe.state.step})")
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     bs = cfg.data.batch_size

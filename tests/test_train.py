@@ -116,6 +116,31 @@ def test_two_workers_learn_from_s3_checkpoint_there_and_a_killed_worker_resumes(
         train(cfg)
 
 
+def test_workers_on_one_machine_read_a_checkpoint_in_place(bucket):
+    """Resume reads the checkpoint's files from S3 into memory: no download into a
+    directory the workers of a machine share (where a late worker's second download
+    overwrote the files another was loading)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray.train
+
+    from mlray.train import STATE_FILE, checkpoint_reader
+
+    weights, state = os.urandom(300_000), os.urandom(50_000)
+    base = f"{bucket}/runs/r/checkpoint_2026-12-02_00-00-00.000000"
+    storage.write_bytes(storage.join(base, rundir.WEIGHTS), weights)
+    storage.write_bytes(storage.join(base, STATE_FILE), state)
+    fs, path = storage.resolve(base)
+    read = checkpoint_reader(ray.train.Checkpoint(path=path, filesystem=fs))
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: (read(rundir.WEIGHTS), read(STATE_FILE)), range(16)))
+    assert all(w == weights and s == state for w, s in got)
+    assert read(rundir.EMA_FILE) is None  # optional: a run without optim.ema_decay has none
+    storage.delete(storage.join(base, STATE_FILE))
+    with pytest.raises(storage.StorageError, match=f"checkpoint file {path}/{STATE_FILE}: no such file"):
+        read(STATE_FILE)
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"optim\.lrr: unknown key"):
         _cfg("m", "s", "n", **{"optim.lrr": 1})
