@@ -4,8 +4,10 @@
 expiry. It is created with a conditional write (S3 ``If-None-Match: *``, a local
 ``O_EXCL`` create), so of two jobs started together exactly one gets it; the
 other refuses at once, or waits with ``--wait``. The holder renews it from a
-background thread (S3 ``If-Match`` on its own ETag, so a renewal never
-overwrites a lease that another job took over). A lease whose holder was killed
+background thread, a third of a ttl after each expiry it stamped (S3
+``If-Match`` on its own ETag, so a renewal never overwrites a lease that another
+job took over); a job starts only with two thirds of the ttl left, renewing
+first when the write that took the lease stalled. A lease whose holder was killed
 stops being renewed and is taken over once it expires (at once when the holder
 ran on this host and its process is gone), with the same
 conditional write on the expired version: of two jobs racing for it, one wins.
@@ -190,6 +192,7 @@ class Lease:
         self.token = uuid.uuid4().hex
         self.version: str | None = None
         self.lost: str | None = None
+        self._acquired = self._stamped = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._backend = _backend(self.uri)
@@ -201,24 +204,43 @@ class Lease:
             "acquired": acquired or now, "expires": now + self.ttl,
         }
 
+    def _written(self, doc: dict) -> None:
+        """Our ``doc`` is the lease now: its version and when its expiry was stamped."""
+        self.version = self._backend.read()[1]
+        self._acquired, self._stamped = doc["acquired"], doc["expires"] - self.ttl
+
     def _try_acquire(self) -> LeaseInfo | None:
         """None when acquired, else the holder's lease."""
         doc = self._doc()
         if self._backend.create(doc):
-            self.version = self._backend.read()[1]
+            self._written(doc)
             return None
         current, version = self._backend.read()
         if current is None:  # released between our create and read: try again next round
             return LeaseInfo(owner="", host="?", pid=0, command="", acquired=time.time(), expires=time.time())
         held = LeaseInfo(**{k: current[k] for k in LeaseInfo.__dataclass_fields__})
         if (held.expires < time.time() or held.dead()) and self._backend.replace(doc, version):
-            self.version = self._backend.read()[1]
+            self._written(doc)
             why = "expired" if held.expires < time.time() else "dead (its process is gone)"
             print(f"took over the lease on {self.uri} of a job that is {why} ({held.describe()})", file=sys.stderr)
             return None
         return held
 
+    def _renew(self) -> bool:
+        """Extend our lease by a ttl from now; False (and ``lost`` set) when another job holds it."""
+        current, version = self._backend.read()
+        doc = self._doc(self._acquired)
+        if current and current.get("owner") == self.token and self._backend.replace(doc, version):
+            self._written(doc)
+            return True
+        self.lost = f"another job took over {self.uri}"
+        return False
+
     def acquire(self) -> "Lease":
+        """Hold the lease (waiting up to ``wait`` seconds for its holder), with at
+        least two thirds of its ttl left when this returns, then renew it in the
+        background. The expiry is stamped before the write, so a write that
+        stalled (a store's first write can take seconds) is followed by a renewal."""
         deadline = time.time() + self.wait
         announced = False
         while True:
@@ -240,25 +262,39 @@ class Lease:
             # look again when the holder's lease would expire (every 5 s at most)
             pause = min(5.0, max(0.5, held.expires - time.time() + 0.1))
             time.sleep(max(0.05, min(pause, deadline - time.time())))
+        self._fresh()
         self._thread = threading.Thread(target=self._renew_loop, name="mlray-lease", daemon=True)
         self._thread.start()
         return self
 
-    def _renew_loop(self) -> None:
-        acquired = time.time()
-        while not self._stop.wait(self.ttl / 3):
+    def _fresh(self) -> None:
+        """Renew until two thirds of the ttl are left (a few tries), or say why not."""
+        for _ in range(3):
+            if time.time() - self._stamped <= self.ttl / 3:
+                return
             try:
-                current, version = self._backend.read()
-                if not current or current.get("owner") != self.token:
-                    self.lost = f"another job took over {self.uri}"
+                renewed = self._renew()
+            except OSError as e:
+                raise storage.StorageError(f"{self.uri}: cannot renew the lease ({e}); is --out writable?") from e
+            if not renewed:
+                raise LeaseHeld(f"{self.lost}: writing the lease took longer than its ttl; "
+                                f"pass a longer --lease-ttl (now {self.ttl:g} s)")
+        if time.time() - self._stamped > self.ttl / 3:
+            raise storage.StorageError(
+                f"{self.uri}: each write of the lease took longer than a third of its ttl ({self.ttl:g} s), "
+                "so renewals could not keep it; pass a longer --lease-ttl")
+
+    def _renew_loop(self) -> None:
+        """Renew a third of a ttl after each stamp; after a failed try, a third of a ttl later."""
+        due = self._stamped + self.ttl / 3
+        while not self._stop.wait(max(0.0, due - time.time())):
+            try:
+                if not self._renew():
                     return
-                if self._backend.replace(self._doc(acquired), version):
-                    self.version = self._backend.read()[1]
-                else:
-                    self.lost = f"another job took over {self.uri}"
-                    return
+                due = self._stamped + self.ttl / 3
             except Exception as e:  # noqa: BLE001 - a blink of the store: try again next round, the ttl allows two misses
                 print(f"could not renew the lease {self.uri}: {e}", file=sys.stderr)
+                due = time.time() + self.ttl / 3
 
     def check(self) -> None:
         """Raise if the lease was lost (another job took it over after we failed to renew)."""

@@ -119,22 +119,17 @@ class S3Server:
         stop_group(self.proc, signal.SIGTERM, timeout=3)
 
 
-class CuttingProxy:
-    """A TCP proxy in front of a server that fails like a network does.
+class _Proxy:
+    """A TCP proxy in front of a server on loopback. It passes bytes both ways and
+    hands each chunk of a client's bytes that holds requests starting with
+    ``match`` to ``_on_match(n)``, which may stall it or return True to drop the
+    connection; while ``_down()``, every connection is reset."""
 
-    It passes bytes both ways and counts the requests whose first bytes match
-    ``match`` (e.g. ``b"GET /bucket/images/"``: object fetches, not listings).
-    After ``after`` of them it cuts every open connection with a TCP reset and
-    resets every new one for ``down_s`` seconds, then passes traffic again. The
-    outage lands at the same phase of a job every time (restarting the server
-    itself lands anywhere: the listing, the fetches or the final write)."""
-
-    def __init__(self, target_port: int, match: bytes, after: int, down_s: float):
+    def __init__(self, target_port: int, match: bytes):
         import threading
 
-        self.target_port, self.match, self.after, self.down_s = target_port, match, after, down_s
+        self.target_port, self.match = target_port, match
         self.requests = 0
-        self.cut_at: float | None = None
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -144,7 +139,10 @@ class CuttingProxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _down(self) -> bool:
-        return self.cut_at is not None and time.time() < self.cut_at + self.down_s
+        return False
+
+    def _on_match(self, n: int) -> bool:
+        raise NotImplementedError
 
     @staticmethod
     def _reset(s: socket.socket) -> None:
@@ -189,7 +187,7 @@ class CuttingProxy:
                     seen = tail + data
                     n = seen.count(self.match) - tail.count(self.match)
                     tail = seen[-len(self.match):]
-                    if n and self._count(n):
+                    if n and self._on_match(n):
                         return
                 if self._down():
                     break
@@ -203,7 +201,32 @@ class CuttingProxy:
                 self._open.discard(src)
                 self._open.discard(dst)
 
-    def _count(self, n: int) -> bool:
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        with self._lock:
+            victims = list(self._open)
+        for s in victims:
+            self._reset(s)
+
+
+class CuttingProxy(_Proxy):
+    """Fails like a network does: after ``after`` requests matching ``match``
+    (e.g. ``b"GET /bucket/images/"``: object fetches, not listings) it cuts every
+    open connection with a TCP reset and resets every new one for ``down_s``
+    seconds, then passes traffic again. The outage lands at the same phase of a
+    job every time (restarting the server itself lands anywhere: the listing, the
+    fetches or the final write)."""
+
+    def __init__(self, target_port: int, match: bytes, after: int, down_s: float):
+        self.after, self.down_s = after, down_s
+        self.cut_at: float | None = None
+        super().__init__(target_port, match)
+
+    def _down(self) -> bool:
+        return self.cut_at is not None and time.time() < self.cut_at + self.down_s
+
+    def _on_match(self, n: int) -> bool:
         """Count ``n`` matching requests; True when this cut the connections."""
         with self._lock:
             self.requests += n
@@ -215,10 +238,19 @@ class CuttingProxy:
             self._reset(s)
         return True
 
-    def close(self) -> None:
-        self._closed = True
-        self._listener.close()
+
+class StallingProxy(_Proxy):
+    """Holds the first ``times`` requests matching ``match`` for ``stall_s``
+    seconds before passing them on: a store whose write hangs now and then."""
+
+    def __init__(self, target_port: int, match: bytes, stall_s: float, times: int = 1):
+        self.stall_s, self.times = stall_s, times
+        super().__init__(target_port, match)
+
+    def _on_match(self, n: int) -> bool:
         with self._lock:
-            victims = list(self._open)
-        for s in victims:
-            self._reset(s)
+            self.requests += n
+            stall = self.requests - n < self.times
+        if stall:
+            time.sleep(self.stall_s)
+        return False

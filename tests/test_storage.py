@@ -93,6 +93,32 @@ def test_lease_one_holder_renewed_then_taken_over_when_expired(where, bucket, tm
     assert not storage.exists(storage.join(out, "_lease.json"))
 
 
+def test_a_lease_whose_first_write_stalled_is_still_held_when_acquire_returns(s3_server, bucket, monkeypatch):
+    """A store's write can hang for seconds (a fresh bucket, a loaded host). The
+    lease's expiry is stamped before its write, so acquire renews it before
+    returning: the job then holds it with most of its ttl left, and a second job
+    is refused rather than taking over a lease its holder just got."""
+    import json
+
+    from servers import StallingProxy
+
+    name = bucket.split("://", 1)[1]
+    proxy = StallingProxy(s3_server.port, match=f"PUT /{name}/out/_lease.json".encode(), stall_s=2.5)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    try:
+        t0 = time.time()
+        first = Lease(f"{bucket}/out", ttl=3).acquire()
+        assert time.time() - t0 > 2.5  # the create stalled
+        doc = json.loads(storage.read_text(f"{bucket}/out/_lease.json"))
+        assert doc["expires"] - time.time() > 1.8 and doc["owner"] == first.token
+        with pytest.raises(LeaseHeld, match="another tagging job"):
+            Lease(f"{bucket}/out", ttl=3).acquire()
+        first.release()
+        assert first.lost is None and not storage.exists(f"{bucket}/out/_lease.json")
+    finally:
+        proxy.close()
+
+
 def test_lease_of_a_dead_process_on_this_host_is_taken_at_once(tmp_path):
     import json
     import socket
