@@ -74,18 +74,18 @@ def test_region_comes_from_env_then_aws_config_never_a_silent_guess(tmp_path, mo
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_lease_one_holder_renewed_then_taken_over_when_expired(where, bucket, tmp_path):
     out = f"{bucket}/out" if where == "s3" else str(tmp_path / "out")
-    first = Lease(out, ttl=2).acquire()
+    first = Lease(out, ttl=3).acquire()
     with pytest.raises(LeaseHeld, match="another tagging job"):
-        Lease(out, ttl=2).acquire()
-    time.sleep(2.5)  # longer than the ttl: renewals keep it held
+        Lease(out, ttl=3).acquire()
+    time.sleep(3.5)  # longer than the ttl: renewals keep it held
     with pytest.raises(LeaseHeld):
-        Lease(out, ttl=2).acquire()
+        Lease(out, ttl=3).acquire()
     # the holder stops renewing without releasing (its host lost power): after
     # the expiry a waiting job takes over, and the old holder learns it lost it
     first._stop.set()
     first._thread.join()
     t0 = time.time()
-    second = Lease(out, ttl=2, wait=20).acquire()
+    second = Lease(out, ttl=3, wait=20).acquire()
     assert 0.5 < time.time() - t0 < 15
     second.release()
     third = Lease(out, ttl=3).acquire()  # released: free at once
