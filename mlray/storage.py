@@ -287,16 +287,11 @@ def write_text(uri: str, text: str) -> None:
 
 
 def upload_dir(local_dir: str, uri: str) -> None:
-    """Copy a local directory tree to ``uri`` (used for run directories)."""
+    """Copy a local directory tree to ``uri`` (e.g. a folder of images to a bucket)."""
     fs, path = resolve(uri)
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(path, exist_ok=True)
     pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
-def download_dir(uri: str, local_dir: str) -> None:
-    fs, path = resolve(uri)
-    pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
 
 def list_files(
