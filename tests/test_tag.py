@@ -106,13 +106,22 @@ def test_scores_match_a_plain_pytorch_loop(trained_run, corpus, local_ray, tmp_p
     for row in top.to_pylist()[:50]:
         best = {vocab[j] for j in np.argsort(-np.asarray(row["scores"]))[:2]}
         assert set(row["labels"]) == best
-    # --precision bf16 scores in bf16 on CPU too: within bf16's tolerance of the fp32
-    # scores, and not equal to them (it did run in bf16)
+    # --precision bf16 scores in bf16 on CPU too: the scores of the same model scored in
+    # bf16 by hand (bf16 on CPU gives the same scores at any batch size), not the fp32
+    # ones, and near those. This 2-epoch model scores almost everything between 0.2 and
+    # 0.8, where the sigmoid is steepest: bf16 moves its scores 0.006-0.011 on average
+    # (max 0.04-0.05) from fp32, so the bound on that is loose; the match is the check.
     half = pq.read_table(tag(run, os.path.join(root, "images", "mosaic_000[0-4]*.jpg"), str(tmp_path / "bf16"),
                              TagOptions(precision="bf16")).out).to_pandas().set_index("image_id")
     assert len(half) > 0 and set(half.index) <= set(t.index)
-    diff = np.stack([np.abs(np.asarray(half.loc[i, "scores"]) - np.asarray(t.loc[i, "scores"])) for i in half.index])
-    assert 1e-4 < diff.max() < 0.1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+    bf16 = Predictor.load(run, "cpu", precision="bf16")
+    ids = list(half.index)
+    by_hand = bf16.scores(np.stack([decode(open(os.path.join(root, "images", i), "rb").read(), p.size) for i in ids]))
+    tagged = np.stack([np.asarray(half.loc[i, "scores"]) for i in ids])
+    fp32 = np.stack([np.asarray(t.loc[i, "scores"]) for i in ids])
+    assert np.allclose(tagged, by_hand, atol=2e-3), np.abs(tagged - by_hand).max()
+    diff = np.abs(tagged - fp32)
+    assert 2e-3 < diff.max() < 0.15 and diff.mean() < 0.03, (diff.max(), diff.mean())
 
 
 def _tag_cli(run, inp, out, *extra):
