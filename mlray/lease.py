@@ -12,6 +12,11 @@ stops being renewed and is taken over once it expires (at once when the holder
 ran on this host and its process is gone), with the same
 conditional write on the expired version: of two jobs racing for it, one wins.
 
+A write whose answer was lost (the connection dropped after the store took it)
+is retried like every storage call, and the retry's condition then fails on our
+own first write: after a failed condition the lease is read back, and a lease
+that holds exactly the document we wrote is ours.
+
 S3-compatible stores without conditional writes answer them like plain ones;
 there the lease still serialises jobs that do not start within the same
 second, and the next run's duplicate repair mops up after those that did.
@@ -147,13 +152,17 @@ class _S3Backend:
         return (json.loads(text) if text else None), r["ETag"]
 
     def _put(self, doc: dict, **cond) -> bool:
-        try:
-            self._call("put_object", Bucket=self.bucket, Key=self.key, Body=json.dumps(doc).encode(), **cond)
-        except OSError as e:
-            if "pre-condition" in str(e) or "PreconditionFailed" in str(e) or "ConditionalRequestConflict" in str(e):
-                return False
-            raise
-        return True
+        """The conditional write, with transient errors retried; False when its condition failed."""
+        def put() -> bool:
+            try:
+                self._call("put_object", Bucket=self.bucket, Key=self.key, Body=json.dumps(doc).encode(), **cond)
+            except OSError as e:
+                if "pre-condition" in str(e) or "PreconditionFailed" in str(e) or "ConditionalRequestConflict" in str(e):
+                    return False
+                raise
+            return True
+
+        return storage.retrying(put, f"s3://{self.bucket}/{self.key}")
 
     def create(self, doc: dict) -> bool:
         return self._put(doc, IfNoneMatch="*")
@@ -175,6 +184,14 @@ def _read_body(fs, body) -> str:
             return await stream.read()
 
     return sync(fs.loop, read).decode()
+
+
+def _write_error(uri: str, what: str, e: OSError) -> storage.StorageError:
+    """The error for a lease write that failed for good: the store down, or OUT not writable."""
+    if storage.is_transient(e):
+        return storage.StorageError(f"{uri}: cannot {what} the lease, the store did not answer ({e}); "
+                                    "run again when it is back", transient=True)
+    return storage.StorageError(f"{uri}: cannot {what} the lease ({e}); is --out writable?")
 
 
 def _backend(uri: str):
@@ -204,23 +221,34 @@ class Lease:
             "acquired": acquired or now, "expires": now + self.ttl,
         }
 
-    def _written(self, doc: dict) -> None:
+    def _written(self, doc: dict, version: str | None = None) -> None:
         """Our ``doc`` is the lease now: its version and when its expiry was stamped."""
-        self.version = self._backend.read()[1]
+        self.version = version or self._backend.read()[1]
         self._acquired, self._stamped = doc["acquired"], doc["expires"] - self.ttl
+
+    def _write(self, doc: dict, write) -> bool:
+        """``write(doc)`` (a conditional write); True when ``doc`` is the lease now.
+        A failed condition is read back: a retry whose first try reached the store
+        (its answer lost on the way) fails on our own write, which then is the lease."""
+        if write(doc):
+            self._written(doc)
+            return True
+        current, version = self._backend.read()
+        if current == json.loads(json.dumps(doc)):
+            self._written(doc, version)
+            return True
+        return False
 
     def _try_acquire(self) -> LeaseInfo | None:
         """None when acquired, else the holder's lease."""
         doc = self._doc()
-        if self._backend.create(doc):
-            self._written(doc)
+        if self._write(doc, self._backend.create):
             return None
         current, version = self._backend.read()
         if current is None:  # released between our create and read: try again next round
             return LeaseInfo(owner="", host="?", pid=0, command="", acquired=time.time(), expires=time.time())
         held = LeaseInfo(**{k: current[k] for k in LeaseInfo.__dataclass_fields__})
-        if (held.expires < time.time() or held.dead()) and self._backend.replace(doc, version):
-            self._written(doc)
+        if (held.expires < time.time() or held.dead()) and self._write(doc, lambda d: self._backend.replace(d, version)):
             why = "expired" if held.expires < time.time() else "dead (its process is gone)"
             print(f"took over the lease on {self.uri} of a job that is {why} ({held.describe()})", file=sys.stderr)
             return None
@@ -230,8 +258,7 @@ class Lease:
         """Extend our lease by a ttl from now; False (and ``lost`` set) when another job holds it."""
         current, version = self._backend.read()
         doc = self._doc(self._acquired)
-        if current and current.get("owner") == self.token and self._backend.replace(doc, version):
-            self._written(doc)
+        if current and current.get("owner") == self.token and self._write(doc, lambda d: self._backend.replace(d, version)):
             return True
         self.lost = f"another job took over {self.uri}"
         return False
@@ -247,7 +274,7 @@ class Lease:
             try:
                 held = self._try_acquire()
             except OSError as e:
-                raise storage.StorageError(f"{self.uri}: cannot write the lease ({e}); is --out writable?") from e
+                raise _write_error(self.uri, "write", e) from e
             if held is None:
                 break
             if time.time() >= deadline:
@@ -275,7 +302,7 @@ class Lease:
             try:
                 renewed = self._renew()
             except OSError as e:
-                raise storage.StorageError(f"{self.uri}: cannot renew the lease ({e}); is --out writable?") from e
+                raise _write_error(self.uri, "renew", e) from e
             if not renewed:
                 raise LeaseHeld(f"{self.lost}: writing the lease took longer than its ttl; "
                                 f"pass a longer --lease-ttl (now {self.ttl:g} s)")

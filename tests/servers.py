@@ -122,7 +122,9 @@ class S3Server:
 class _Proxy:
     """A TCP proxy in front of a server on loopback. It passes bytes both ways and
     hands each chunk of a client's bytes that holds requests starting with
-    ``match`` to ``_on_match(n)``, which may stall it or return True to drop the
+    ``match`` to ``_on_match(n, client)``, which may stall it or return True to
+    drop the connection, and each chunk of a server's answer to
+    ``_drop_answer(client, data)``, which may return True to drop it and the
     connection; while ``_down()``, every connection is reset."""
 
     def __init__(self, target_port: int, match: bytes):
@@ -141,8 +143,11 @@ class _Proxy:
     def _down(self) -> bool:
         return False
 
-    def _on_match(self, n: int) -> bool:
+    def _on_match(self, n: int, client: socket.socket) -> bool:
         raise NotImplementedError
+
+    def _drop_answer(self, client: socket.socket, data: bytes) -> bool:
+        return False
 
     @staticmethod
     def _reset(s: socket.socket) -> None:
@@ -187,8 +192,10 @@ class _Proxy:
                     seen = tail + data
                     n = seen.count(self.match) - tail.count(self.match)
                     tail = seen[-len(self.match):]
-                    if n and self._on_match(n):
+                    if n and self._on_match(n, src):
                         return
+                elif self._drop_answer(dst, data):
+                    return
                 if self._down():
                     break
                 dst.sendall(data)
@@ -226,7 +233,7 @@ class CuttingProxy(_Proxy):
     def _down(self) -> bool:
         return self.cut_at is not None and time.time() < self.cut_at + self.down_s
 
-    def _on_match(self, n: int) -> bool:
+    def _on_match(self, n: int, client: socket.socket) -> bool:
         """Count ``n`` matching requests; True when this cut the connections."""
         with self._lock:
             self.requests += n
@@ -247,10 +254,47 @@ class StallingProxy(_Proxy):
         self.stall_s, self.times = stall_s, times
         super().__init__(target_port, match)
 
-    def _on_match(self, n: int) -> bool:
+    def _on_match(self, n: int, client: socket.socket) -> bool:
         with self._lock:
             self.requests += n
             stall = self.requests - n < self.times
         if stall:
             time.sleep(self.stall_s)
         return False
+
+
+class AnswerLosingProxy(_Proxy):
+    """Passes the next ``times`` requests matching ``match`` on to the server,
+    then resets the connection instead of passing back the server's answer: the
+    request took effect, and the client cannot know it (it retries, and those
+    retries go through). ``lose_next()`` does it to the next matching request again."""
+
+    def __init__(self, target_port: int, match: bytes, times: int = 1):
+        self.pending = times
+        self.lost = 0
+        self._doomed: set[socket.socket] = set()
+        super().__init__(target_port, match)
+
+    def lose_next(self) -> None:
+        with self._lock:
+            self.pending += 1
+
+    def _on_match(self, n: int, client: socket.socket) -> bool:
+        with self._lock:
+            self.requests += n
+            if self.pending > 0:
+                self.pending -= 1
+                self._doomed.add(client)
+        return False
+
+    def _drop_answer(self, client: socket.socket, data: bytes) -> bool:
+        with self._lock:
+            if client not in self._doomed or data.startswith(b"HTTP/1.1 100"):  # "100 Continue": not the answer yet
+                return False
+            self._doomed.discard(client)
+            self.lost += 1
+        try:  # wakes the thread reading the client's side, so the client sees the drop now, not at its read timeout
+            client.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return True

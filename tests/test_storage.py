@@ -119,6 +119,39 @@ def test_a_lease_whose_first_write_stalled_is_still_held_when_acquire_returns(s3
         proxy.close()
 
 
+def test_a_lease_write_whose_answer_was_lost_is_recognised_as_ours(s3_server, bucket, monkeypatch):
+    """The store takes the lease's write, and the connection drops before its
+    answer comes back: the client retries, and the retried conditional write
+    fails on the job's own first write. The job holds the lease (it does not
+    refuse itself as "another tagging job"), and a renewal whose answer is lost
+    keeps it too (the job does not think it was taken over)."""
+    import json
+
+    from servers import AnswerLosingProxy
+
+    name = bucket.split("://", 1)[1]
+    proxy = AnswerLosingProxy(s3_server.port, match=f"PUT /{name}/out/_lease.json".encode())
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    try:
+        first = Lease(f"{bucket}/out", ttl=4).acquire()  # the create's answer lost
+        assert proxy.lost == 1
+        doc = json.loads(storage.read_text(f"{bucket}/out/_lease.json"))
+        assert doc["owner"] == first.token and doc["pid"] == os.getpid()
+        first._stop.set()  # renew by hand, not beside the background renewals
+        first._thread.join()
+        proxy.lose_next()
+        assert first._renew() and proxy.lost == 2 and first.lost is None  # a renewal's answer lost
+        renewed = json.loads(storage.read_text(f"{bucket}/out/_lease.json"))
+        assert renewed["owner"] == first.token and renewed["expires"] > doc["expires"]
+        with pytest.raises(LeaseHeld, match="another tagging job"):
+            Lease(f"{bucket}/out", ttl=4).acquire()
+        first.check()
+        first.release()
+        assert first.lost is None and not storage.exists(f"{bucket}/out/_lease.json")
+    finally:
+        proxy.close()
+
+
 def test_lease_of_a_dead_process_on_this_host_is_taken_at_once(tmp_path):
     import json
     import socket
