@@ -33,6 +33,13 @@ if TYPE_CHECKING:
     import torch
 
 
+# On a CPU a batch is scored CPU_CHUNK images at a time: the same images/s as the
+# whole batch at once (EfficientNet-Lite0, 128 px, one thread: 199.5 img/s at 64,
+# 199.7 at 16, 4 interleaved repeats), with a quarter of the activations alive
+# (the largest layer output alone is 96 MB at 64 images). A GPU takes the whole batch.
+CPU_CHUNK = 16
+
+
 class Predictor:
     """The model of a run directory (or checkpoint folder), on one device."""
 
@@ -87,13 +94,21 @@ class Predictor:
         features that feed the head (N, D) float16, or None)."""
         import torch
 
-        from mlray.augment import preprocess
-
         if len(images) == 0:
             return np.zeros((0, len(self.vocab)), np.float32), (np.zeros((0, self.embedding_dim), np.float16) if embeddings else None)
         t = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else images  # a writable copy
+        step = CPU_CHUNK if self.device.type == "cpu" else len(t)
+        parts = [self._forward(t[i : i + step], embeddings) for i in range(0, len(t), step)]
+        scores = np.concatenate([s for s, _ in parts])
+        return scores, (np.concatenate([f for _, f in parts]) if embeddings else None)
+
+    def _forward(self, images: torch.Tensor, embeddings: bool):
+        import torch
+
+        from mlray.augment import preprocess
+
         with torch.inference_mode(), self.autocast():
-            x = preprocess(t, self.device, self.mean, self.std)
+            x = preprocess(images, self.device, self.mean, self.std)
             if embeddings:
                 pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
                 logits = self.model.get_classifier()(pooled)

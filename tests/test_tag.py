@@ -17,7 +17,7 @@ from images_zoo import bad_variants, good_variants
 
 from mlray import storage
 from mlray.images import decode
-from mlray.inference import Predictor
+from mlray.inference import CPU_CHUNK, Predictor
 from mlray.manifest import LABELS_KEY
 from mlray.tag import TagError, TagOptions, tag
 
@@ -91,7 +91,8 @@ def test_scores_match_a_plain_pytorch_loop(trained_run, corpus, local_ray, tmp_p
     run, _, root = trained_run
     prefix, names = corpus
     out = str(tmp_path / "tags")
-    tag(run, os.path.join(root, "images"), out, TagOptions(batch_size=16))
+    # batches of 40: on a CPU the actor scores them CPU_CHUNK (16) images at a time
+    tag(run, os.path.join(root, "images"), out, TagOptions(batch_size=40))
     t = pq.read_table(out).to_pandas().set_index("image_id")
     p = Predictor.load(run, "cpu", fuse=False)  # the model as trained: tag scores with BatchNorm folded
     assert p.fused == 0 and Predictor.load(run, "cpu").fused > 0
@@ -99,6 +100,15 @@ def test_scores_match_a_plain_pytorch_loop(trained_run, corpus, local_ray, tmp_p
         img = decode(open(os.path.join(root, "images", name), "rb").read(), p.size)
         ref = p.scores(img[None])[0]
         assert np.allclose(np.asarray(t.loc[name, "scores"]), ref, atol=1e-4), name
+    # a batch longer than a chunk scores as its images do one by one, embeddings too
+    fused = Predictor.load(run, "cpu")
+    batch = np.stack([decode(open(os.path.join(root, "images", n), "rb").read(), p.size) for n in names[:40]])
+    assert len(batch) > CPU_CHUNK and len(batch) % CPU_CHUNK
+    scores, feats = fused.scores_and_embeddings(batch)
+    one_by_one = [fused.scores_and_embeddings(img[None]) for img in batch]
+    assert np.allclose(scores, np.concatenate([s for s, _ in one_by_one]), atol=1e-5)
+    assert np.allclose(feats.astype(np.float32), np.concatenate([f for _, f in one_by_one]).astype(np.float32),
+                       atol=2e-3, rtol=1e-2)  # float16: one unit in the last place
     # --top-k overrides the run's thresholds: exactly the k best labels
     top = pq.read_table(tag(run, os.path.join(root, "images", "mosaic_000[0-4]*.jpg"), str(tmp_path / "top2"),
                             TagOptions(top_k=2)).out)
