@@ -56,7 +56,18 @@ class DataConfig(_Section):
         None, ge=0,
         description="MB of each worker's in-memory copy of the rows its first epoch streamed, which later "
         "epochs replay in a new order instead of reading and decoding again; null = auto (a quarter of the "
-        "node's available memory, shared among its workers), 0 = off (stream every epoch)",
+        "node's available memory, shared among its workers), 0 = none in memory (the rows go to local disk, "
+        "see cache_disk_mb)",
+    )
+    cache_disk_mb: float | None = Field(
+        None, ge=0,
+        description="MB of each worker's rows that spill to local disk once cache_mb is full (read back, not "
+        "decoded again); null = auto (a quarter of cache_dir's free space, shared among the node's workers), "
+        "0 = none on disk; cache_mb 0 and cache_disk_mb 0 stream and decode every epoch",
+    )
+    cache_dir: str | None = Field(
+        None, description="local directory for the rows that spill (null = the system temp directory); the "
+        "file is unlinked as it is created, so nothing is left behind",
     )
     max_error_fraction: float = Field(0.01, ge=0, le=1, description="undecodable images tolerated before failing")
     decode: Literal["auto", "cpu", "device"] = Field(

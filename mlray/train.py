@@ -305,19 +305,24 @@ def _batches(source, dist: _Dist, skipped_errors: list, *, batch_size: int, deco
         yield batch
 
 
-def _commit_caches(caches: list, dist: _Dist, rank: int, limit: int, epoch: int) -> None:
-    """After the first recorded epoch: replay from memory only if every worker kept all its rows."""
+def _commit_caches(caches: list, dist: _Dist, rank: int, limit: int, disk_limit: int, epoch: int) -> None:
+    """After the first recorded epoch: replay only if every worker kept all its rows (in memory or on disk)."""
     everyone = dist.all_have(all(c.complete for c in caches))
     for c in caches:
         c.commit(everyone)
     if rank == 0:
         if everyone:
             held = sum(c.nbytes for c in caches) / 2**20
-            _say(f"from epoch {epoch + 2} on, the rows epoch {epoch + 1} streamed are replayed from memory "
-                 f"({held:,.0f} MB per worker) in a new order each epoch: no reading or decoding")
+            spilled = sum(c.disk_bytes for c in caches) / 2**20
+            where = " and ".join(
+                ([f"memory ({held:,.0f} MB per worker)"] if held >= 1 or not spilled else [])
+                + ([f"local disk ({spilled:,.0f} MB per worker, in {caches[0].directory})"] if spilled else []))
+            _say(f"from epoch {epoch + 2} on, the rows epoch {epoch + 1} streamed are replayed from {where} "
+                 f"in a new order each epoch: no reading or decoding")
         else:
             _say(f"every epoch streams and decodes its images: a worker's rows did not fit its "
-                 f"{limit / 2**20:,.0f} MB for them (data.cache_mb; raise it to keep them in memory)")
+                 f"{limit / 2**20:,.0f} MB in memory and {disk_limit / 2**20:,.0f} MB on local disk for them "
+                 f"(data.cache_mb, data.cache_disk_mb; raise either to keep them)")
 
 
 def _say(message: str) -> None:
@@ -704,10 +709,13 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     bs = cfg.data.batch_size
     # The first epoch this process runs records its rows (unless it is the last); then the workers agree, once.
     later = recipe.state.epoch + 1 < cfg.optim.epochs
-    limit = cache.limit_bytes(cfg.data.cache_mb, ctx.get_local_world_size()) if later else 0
-    train_cache = cache.EpochCache(limit, seed=cfg.optim.seed, rank=rank)
-    val_cache = cache.EpochCache(limit, rank=rank)
-    to_commit = limit > 0
+    local = ctx.get_local_world_size()
+    limit = cache.limit_bytes(cfg.data.cache_mb, local) if later else 0
+    spill_dir = cache.cache_directory(cfg.data.cache_dir) if later else None
+    disk_limit = cache.disk_limit_bytes(cfg.data.cache_disk_mb, spill_dir, local) if later else 0
+    train_cache = cache.EpochCache(limit, disk_limit=disk_limit, directory=spill_dir, seed=cfg.optim.seed, rank=rank)
+    val_cache = cache.EpochCache(limit, disk_limit=disk_limit, directory=spill_dir, rank=rank)
+    to_commit = limit > 0 or disk_limit > 0
     for epoch in range(recipe.state.epoch, cfg.optim.epochs):
         skipped: list = []
         replay = train_cache.ready
@@ -717,13 +725,16 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         ))
         stats = recipe.train_epoch(epoch, _batches(train_source, dist, skipped, batch_size=bs, decoded=recipe.decoded))
         stats.bad += skipped
-        val_cache.limit = limit - train_cache.nbytes  # one budget for both splits
+        val_cache.limit = limit - train_cache.nbytes  # one budget for both splits, in memory and on disk
+        val_cache.disk_limit = disk_limit - train_cache.disk_bytes
         val = recipe.validate(val_cache.replay(None, bs) if replay else val_cache.record(
             val_shard.iter_torch_batches(batch_size=bs, prefetch_batches=2, collate_fn=torch_collate())
         ))
         record, policy, tuned, collapse, all_bad = recipe.epoch_record(epoch, stats, val)
         record["nodes"] = nodes
-        record["input_from_memory"] = replay
+        spilled = replay and train_cache.disk_bytes + val_cache.disk_bytes > 0
+        record["input_from_memory"] = replay and not spilled
+        record["input_from_disk"] = spilled
         improved, stop = recipe.finish_epoch(record)
         if rank == 0:
             _say(
@@ -732,7 +743,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 f"F1 micro {record['val_f1_micro']:.4f} @tuned / {record['val_f1_micro@0.5']:.4f} @0.5 "
                 f"{record['images_per_s']:.1f} img/s (input wait {record['input_wait']:.0%}, "
                 f"{record['first_batch_s']:.1f} s of it before the first batch"
-                + (", images from memory)" if replay else ")")
+                + ((", images from local disk)" if spilled else ", images from memory)") if replay else ")")
                 + (" *best*" if improved else "")
             )
             if collapse["collapsed"]:
@@ -741,7 +752,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 _say(f"decode error {i}: {e}")
         if to_commit:  # after the epoch's line, which it follows in the log
             to_commit = False
-            _commit_caches([train_cache, val_cache], dist, rank, limit, epoch)
+            _commit_caches([train_cache, val_cache], dist, rank, limit, disk_limit, epoch)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:

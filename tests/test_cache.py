@@ -1,10 +1,12 @@
 """The in-memory copy later epochs replay: every row once per epoch, a new order
 each epoch, error rows kept, and streaming again whenever any worker's copy is incomplete."""
 
+import os
+
 import numpy as np
 import torch
 
-from mlray.cache import EpochCache
+from mlray.cache import EpochCache, _nbytes
 
 
 def _stream(n, batch, size=4):
@@ -54,3 +56,38 @@ def test_a_copy_over_its_limit_is_dropped_and_everyone_streams():
     off = EpochCache(0)
     list(off.record(_stream(10, 4)))
     assert not off.complete
+
+
+def test_rows_past_the_memory_budget_replay_from_local_disk_and_leave_no_file(tmp_path):
+    """Memory first, then one unlinked file: the replay is the same rows as from memory."""
+    first_two = sum(_nbytes(b) for b in list(_stream(50, 16))[:2])
+    mixed = EpochCache(first_two, disk_limit=2**20, directory=str(tmp_path), seed=3)
+    streamed = list(mixed.record(_stream(50, 16)))
+    in_memory = EpochCache(2**20, seed=3)
+    list(in_memory.record(_stream(50, 16)))
+    assert mixed.complete and mixed.commit(True) and in_memory.commit(True)
+    assert first_two < mixed.nbytes < in_memory.nbytes  # ids and errors of the spilled rows stay in memory
+    assert mixed.disk_bytes == (16 + 2) * (4 * 4 * 3 + 2)  # the pixels and targets of the last two batches
+    assert os.listdir(tmp_path) == []  # the file has no name: nothing is left behind, however the worker ends
+    for epoch in (1, 2):
+        batches = list(mixed.replay(epoch, 16))
+        assert _rows(batches) == _rows(streamed)
+        assert [list(b["image_id"]) for b in batches] == [list(b["image_id"]) for b in in_memory.replay(epoch, 16)]
+    batch = next(mixed.replay(1, 16))
+    batch["image"][0] = 0  # writable, as the stream's tensors are, without touching the copy
+    assert _rows(mixed.replay(1, 16)) == _rows(streamed)
+    only_disk = EpochCache(0, disk_limit=2**20, directory=str(tmp_path))
+    list(only_disk.record(_stream(50, 16)))
+    assert only_disk.commit(True) and only_disk.disk_bytes == 50 * (4 * 4 * 3 + 2)
+    assert _rows(only_disk.replay(None, 16)) == _rows(streamed)
+
+
+def test_a_copy_over_both_budgets_or_of_encoded_bytes_gives_up(tmp_path):
+    full = EpochCache(0, disk_limit=3 * 16 * 4 * 4 * 3, directory=str(tmp_path))
+    assert len(list(full.record(_stream(50, 16)))) == 4
+    assert not full.complete and full.file is None and not full.commit(True)
+    encoded = EpochCache(0, disk_limit=2**20, directory=str(tmp_path))
+    batches = [{"image": np.array([b"\xff\xd8" + bytes(3000)] * 8, dtype=object),
+                "target": torch.zeros(8, 2, dtype=torch.uint8), "image_id": np.array(["a"] * 8, dtype=object)}]
+    list(encoded.record(batches))
+    assert not encoded.complete  # bytes stay in memory or nowhere: there was no memory for them

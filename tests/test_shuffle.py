@@ -102,7 +102,7 @@ def test_training_on_a_sorted_manifest_matches_the_shuffled_one(local_ray, mosai
             # every epoch streams (as a split too large to keep in memory does): the stored order
             # must not reach the unfrozen epochs, where it used to collapse the fine-tune
             "data": {"manifest": manifest, "image_size": 64, "batch_size": 16, "decode_batch_size": 64,
-                     "cache_mb": 0},
+                     "cache_mb": 0, "cache_disk_mb": 0},
             "optim": {"epochs": 3, "freeze_epochs": 1, "warmup_epochs": 0.2},
             "scaling": {"num_workers": 1, "cpus_per_worker": 1},
             "run": {"storage_path": str(tmp_path / "runs"), "name": name},

@@ -220,7 +220,9 @@ def test_bad_images_are_counted_resume_continues_and_too_many_fail(local_ray, mo
     prepare(str(data / "labels.csv"), str(data), manifest, split="train=0.8,val=0.2", pack=True)
 
     cfg = build_config({
-        "data": {"manifest": manifest, "image_size": 64, "batch_size": 16, "max_error_fraction": 0.05},
+        # no memory for the rows: the epochs after the first read them back from local disk
+        "data": {"manifest": manifest, "image_size": 64, "batch_size": 16, "max_error_fraction": 0.05,
+                 "cache_mb": 0, "cache_dir": str(tmp_path / "spill")},
         "optim": {"epochs": 1, "freeze_epochs": 0, "unfreeze_stages": 2, "accumulate": 2, "ema_decay": 0.9},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
         "run": {"storage_path": str(tmp_path / "runs"), "name": "bad", "max_failures": 0},
@@ -231,9 +233,12 @@ def test_bad_images_are_counted_resume_continues_and_too_many_fail(local_ray, mo
     hist = rundir.read_history(first.run_dir)
     assert [h["epoch"] for h in hist] == [1, 2, 3] and hist[1]["restarts"] == 1
     assert rundir.load_artifacts(first.run_dir).config.optim.epochs == 3
-    # the resumed process streams its first epoch and replays the next from memory, bad rows counted alike
-    assert [h["input_from_memory"] for h in hist] == [False, False, True]
+    # the resumed process streams its first epoch and replays the next from local disk, bad rows counted alike
+    assert [h["input_from_disk"] for h in hist] == [False, False, True]
+    assert not any(h["input_from_memory"] for h in hist)
     assert [h["decode_errors"] for h in hist] == [3, 3, 3]
+    assert len({h["train_images"] for h in hist}) == 1  # every trained row of the split, whichever source
+    assert os.listdir(tmp_path / "spill") == []  # the spill file was never visible, and is gone
 
     strict = cfg.model_copy(update={
         "data": cfg.data.model_copy(update={"max_error_fraction": 0.001}),
