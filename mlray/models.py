@@ -167,17 +167,28 @@ def amp_dtype(amp: bool, device: torch.device, capability: tuple[int, int] | Non
     return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
 
 
-def scoring_dtype(precision: str, amp: bool, device: torch.device) -> torch.dtype | None:
+def scoring_dtype(precision: str, amp: bool, device: torch.device,
+                  cpu_bf16: bool | None = None) -> torch.dtype | None:
     """The autocast dtype a model scores in. ``auto``: the run's mixed precision
     (``amp_dtype``: bf16 or fp16 on a GPU, none on CPU); ``fp32``: none anywhere;
-    ``bf16``: bf16 on any device, GPU or CPU. On CPUs that compute in bf16 natively
-    (``avx512_bf16``, AMX) that scored the bench model about twice as fast as fp32;
-    elsewhere it is emulated and slower. Scores then differ from fp32 by up to ~1%."""
+    ``bf16``: bf16 on a GPU, and on a CPU that computes in bf16 natively
+    (``avx512_bf16``, AMX: about twice as fast as fp32 on the bench model); on any
+    other CPU fp32, since emulated bf16 is about ten times slower than fp32 there
+    (the same rule as training's fp16 on GPUs without native bf16). Scores in bf16
+    differ from fp32 by up to ~1%. ``cpu_bf16``: the CPU's support, read from this
+    machine when None (``runtime.cpu_has_native_bf16``; unknown counts as yes)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return None
     if precision == "bf16":
+        if device.type == "cpu":
+            if cpu_bf16 is None:
+                from mlray.runtime import cpu_has_native_bf16
+
+                cpu_bf16 = cpu_has_native_bf16() is not False
+            if not cpu_bf16:
+                return None
         return torch.bfloat16
     return amp_dtype(amp, device)
 

@@ -27,6 +27,24 @@ WORKER_ENV = {
 }
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this machine's CPU computes in bf16 natively (``avx512_bf16``, or
+    Intel's AMX ``amx_bf16``): there bf16 scores about twice as fast as fp32;
+    elsewhere torch emulates it, about ten times slower than fp32 (a 6,000-image
+    tagging job on an AVX2 AMD EPYC: 687 s against 60). Read from the kernel's
+    CPU flags, so that a driver without torch can tell too; None where it cannot
+    tell (no ``/proc/cpuinfo``, as on macOS)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        return None
+    return None
+
+
 _EMBEDDED = {"started": False}  # this process started the local Ray, whose workers inherit its environment
 
 

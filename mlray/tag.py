@@ -338,6 +338,13 @@ def tag(model: str, input_uri: str, out: str, opts: TagOptions | None = None) ->
     opts = opts or TagOptions()
     check_options(opts)
     check_out(out)
+    if opts.precision == "bf16" and not opts.num_gpus:
+        from mlray.runtime import cpu_has_native_bf16
+
+        if cpu_has_native_bf16() is False:
+            print("--precision bf16: this CPU has no native bf16 (avx512_bf16 or AMX), where bf16 scores about "
+                  "10x slower than fp32; CPUs without it score in fp32 (GPUs and CPUs with it in bf16)",
+                  file=sys.stderr)
     embedding = scorer = None
     if not (opts.embeddings or opts.from_embeddings):
         art = check_model(model)

@@ -83,7 +83,10 @@ def test_mixed_precision_is_chosen_by_what_the_gpu_supports_and_gpus_are_whole()
     assert amp_dtype(True, cpu) is None and amp_dtype(False, cuda, (9, 0)) is None
     # scoring (tag, evaluate, predict --precision): auto is the run's rule; fp32 and bf16 hold on any device
     assert scoring_dtype("auto", True, cpu) is None and scoring_dtype("fp32", True, cuda) is None
-    assert scoring_dtype("bf16", True, cpu) == torch.bfloat16 and scoring_dtype("bf16", False, cuda) == torch.bfloat16
+    assert scoring_dtype("bf16", False, cuda) == torch.bfloat16
+    # bf16 on a CPU only where it computes in it natively: emulated, it is ~10x slower than fp32
+    assert scoring_dtype("bf16", True, cpu, cpu_bf16=True) == torch.bfloat16
+    assert scoring_dtype("bf16", True, cpu, cpu_bf16=False) is None
     with pytest.raises(ValueError, match="fp16"):
         scoring_dtype("fp16", True, cpu)
     base = {"data": {"manifest": "unused"}, "run": {"name": "gpus"}}
@@ -132,3 +135,18 @@ def test_a_batch_whose_rows_all_decoded_is_stepped_without_a_copy():
     bad = _batch(9, errors=(1, 3))
     images, targets = _good_rows(bad, np.array([e == "" for e in bad["error"]]))
     assert torch.equal(images, bad["image"][[0, 2]]) and torch.equal(targets, bad["target"][[0, 2]])
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from mlray.runtime import cpu_has_native_bf16
+
+    def flags(*names):
+        path = tmp_path / "_".join(names or ("none",))
+        path.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 " + " ".join(names) + "\n")
+        return str(path)
+
+    assert cpu_has_native_bf16(flags("avx512f", "avx512_bf16")) is True  # AMD Zen 4, Intel Cooper Lake
+    assert cpu_has_native_bf16(flags("amx_tile", "amx_bf16")) is True  # Intel Sapphire Rapids
+    assert cpu_has_native_bf16(flags("avx512f")) is False  # AVX-512 alone does not compute in bf16
+    assert cpu_has_native_bf16(flags()) is False
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is None  # no /proc/cpuinfo: cannot tell

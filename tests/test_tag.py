@@ -88,6 +88,10 @@ def test_tag_prefix_on_s3_with_bad_and_odd_images(trained_run, corpus, s3_server
 
 
 def test_scores_match_a_plain_pytorch_loop(trained_run, corpus, local_ray, tmp_path):
+    import torch
+
+    from mlray.runtime import cpu_has_native_bf16
+
     run, _, root = trained_run
     prefix, names = corpus
     out = str(tmp_path / "tags")
@@ -116,11 +120,12 @@ def test_scores_match_a_plain_pytorch_loop(trained_run, corpus, local_ray, tmp_p
     for row in top.to_pylist()[:50]:
         best = {vocab[j] for j in np.argsort(-np.asarray(row["scores"]))[:2]}
         assert set(row["labels"]) == best
-    # --precision bf16 scores in bf16 on CPU too: the scores of the same model scored in
-    # bf16 by hand (bf16 on CPU gives the same scores at any batch size), not the fp32
-    # ones, and near those. This 2-epoch model scores almost everything between 0.2 and
-    # 0.8, where the sigmoid is steepest: bf16 moves its scores 0.006-0.011 on average
+    # --precision bf16 scores in bf16 on a CPU that has it natively: the scores of the same
+    # model scored in bf16 by hand (bf16 on CPU gives the same scores at any batch size),
+    # not the fp32 ones, and near those. This 2-epoch model scores almost everything between
+    # 0.2 and 0.8, where the sigmoid is steepest: bf16 moves its scores 0.006-0.011 on average
     # (max 0.04-0.05) from fp32, so the bound on that is loose; the match is the check.
+    # A CPU without native bf16 (emulated: ~10x slower) scores in fp32: the default's scores.
     half = pq.read_table(tag(run, os.path.join(root, "images", "mosaic_000[0-4]*.jpg"), str(tmp_path / "bf16"),
                              TagOptions(precision="bf16")).out).to_pandas().set_index("image_id")
     assert len(half) > 0 and set(half.index) <= set(t.index)
@@ -131,7 +136,11 @@ def test_scores_match_a_plain_pytorch_loop(trained_run, corpus, local_ray, tmp_p
     fp32 = np.stack([np.asarray(t.loc[i, "scores"]) for i in ids])
     assert np.allclose(tagged, by_hand, atol=2e-3), np.abs(tagged - by_hand).max()
     diff = np.abs(tagged - fp32)
-    assert 2e-3 < diff.max() < 0.15 and diff.mean() < 0.03, (diff.max(), diff.mean())
+    if cpu_has_native_bf16() is not False:
+        assert bf16.dtype == torch.bfloat16
+        assert 2e-3 < diff.max() < 0.15 and diff.mean() < 0.03, (diff.max(), diff.mean())
+    else:
+        assert bf16.dtype is None and diff.max() < 1e-4, diff.max()
 
 
 def _tag_cli(run, inp, out, *extra):
