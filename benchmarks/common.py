@@ -47,8 +47,8 @@ def timer():
 
 def mosaic_manifest(n: int, size: int, *, seed: int = 0, split: str = "train=0.85,val=0.15") -> str:
     """A packed manifest of ``n`` real MNIST mosaics (cached under out/bench)."""
-    from mlray.datasets import mnist_mosaics
-    from mlray.prepare import prepare
+    from mlray.demo.datasets import mnist_mosaics
+    from mlray.data.prepare import prepare
 
     root = os.path.join(OUT, f"mosaics_{n}_{size}_{seed}")
     manifest = os.path.join(root, "manifest")
@@ -60,8 +60,8 @@ def mosaic_manifest(n: int, size: int, *, seed: int = 0, split: str = "train=0.8
 
 def load_split(manifest: str, split: str, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode one split fully into memory: (N, size, size, 3) uint8, (N, C) targets, vocab."""
-    from mlray.images import decode
-    from mlray.manifest import multi_hot, read_manifest
+    from mlray.data.images import decode
+    from mlray.io.manifest import multi_hot, read_manifest
 
     table, vocab = read_manifest(manifest, with_images=True)
     table = table.filter(pc.equal(table.column("split"), split))
@@ -151,7 +151,7 @@ def wait_group_gone(pgid: int, timeout: float = 60.0) -> None:
 def cached_run(name: str, manifest: str, size: int, **optim) -> str:
     """A short real training run under out/bench/runs (trained once, then reused)."""
     from mlray.config import build_config
-    from mlray.train import train
+    from mlray.training.trainer import train
 
     run = os.path.join(os.path.abspath(OUT), "runs", name)
     if os.path.exists(os.path.join(run, "model.safetensors")):

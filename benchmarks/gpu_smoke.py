@@ -43,7 +43,7 @@ def model_only(run: str, batch: int, seconds: float = 20.0) -> float:
     """img/s of preprocess + forward on random uint8 already on the device."""
     import torch
 
-    from mlray.inference import Predictor
+    from mlray.model.predictor import Predictor
 
     p = Predictor.load(run, "cuda")
     x = torch.randint(0, 256, (batch, p.size, p.size, 3), dtype=torch.uint8, device="cuda")
@@ -88,7 +88,7 @@ class Utilisation:
 
 def train_smoke(manifest: str, size: int, steps: int, workers: int) -> tuple[str, float]:
     from mlray.config import build_config
-    from mlray.train import train
+    from mlray.training.trainer import train
 
     batch = 64
     n_train = 0.85 * float(json.load(open(os.path.join(manifest, "_stats.json")))["images"])

@@ -43,11 +43,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--skip-train", action="store_true", help="leave out the full train (minutes per seed)")
     args = ap.parse_args(argv)
     from benchmarks.quality import BASELINES, keywords_manifest, mlray_recipe
-    from mlray.head import HeadOptions, train_head
-    from mlray.metrics import multilabel_metrics
-    from mlray.report import evaluate
+    from mlray.training.head import HeadOptions, train_head
+    from mlray.evaluation.metrics import multilabel_metrics
+    from mlray.evaluation.report import evaluate
     from mlray.runtime import init_ray
-    from mlray.tag import TagOptions, tag
+    from mlray.tagging.job import TagOptions, tag
 
     seeds = [int(s) for s in args.seeds.split(",")]
     manifest = keywords_manifest()

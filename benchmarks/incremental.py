@@ -36,8 +36,8 @@ def synthetic_out(n: int, run: str) -> str:
     """A tagging OUT of ``n`` synthetic rows made by ``run``'s model (cached)."""
     import pyarrow.parquet as pq
 
-    from mlray.inference import score_schema
-    from mlray.rundir import load_artifacts
+    from mlray.io.tagged import score_schema
+    from mlray.model.rundir import load_artifacts
 
     out = os.path.join(os.path.abspath(OUT), f"incr_out_{n}")
     done = os.path.join(out, "_synthetic.json")
@@ -72,7 +72,7 @@ def reset_out(out: str) -> None:
 
 def new_images(manifest: str, n: int) -> str:
     """A folder of ``n`` real image files (the manifest's images, repeated)."""
-    from mlray.manifest import read_manifest
+    from mlray.io.manifest import read_manifest
 
     folder = os.path.join(os.path.abspath(OUT), f"incr_new_{n}")
     if os.path.exists(os.path.join(folder, f"{n - 1:07d}.jpg")):
@@ -90,7 +90,7 @@ def corpus_manifest(n_old: int, folder: str) -> str:
     """A manifest of the whole corpus: OUT's ``n_old`` ids plus the new files (cached)."""
     import pyarrow.parquet as pq
 
-    from mlray.manifest import LABELS_KEY
+    from mlray.io.manifest import LABELS_KEY
 
     files = sorted(glob.glob(os.path.join(folder, "*.jpg")))
     path = os.path.join(os.path.abspath(OUT), f"incr_manifest_{n_old}_{len(files)}")
@@ -115,7 +115,7 @@ def corpus_manifest(n_old: int, folder: str) -> str:
 def one_case(run: str, inp: str, out: str) -> dict:
     """In a fresh process: one incremental tagging run; its timings and driver peak RSS."""
     code = (
-        "import json, resource; from mlray.tag import tag, TagOptions\n"
+        "import json, resource; from mlray.tagging.job import tag, TagOptions\n"
         f"s = tag({run!r}, {inp!r}, {out!r}, TagOptions(incremental=True))\n"
         "print('RESULT ' + json.dumps({'plan_s': s.plan_seconds, 'seconds': s.seconds, 'written': s.rows_written,"
         " 'skipped': s.rows_skipped, 'maxrss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))\n"

@@ -4,7 +4,7 @@ over the same Parquet with the same number of workers, and against the raw bound
     python -m benchmarks.ingest [--images 2400] [--size 224] [--epochs 4]
 
 Data: 640x480 JPEGs of real photos (crops of scikit-learn's sample photos),
-packed in one Parquet manifest. All three decode with ``mlray.images.decode``
+packed in one Parquet manifest. All three decode with ``mlray.data.images.decode``
 to ``size``², then apply the training augmentation. The cases: later epochs
 replayed from memory (training's default), from local disk with the page cache
 dropped before each epoch (a split larger than memory), and streamed every epoch. Each case runs in its own
@@ -35,7 +35,7 @@ def photo_manifest(n: int) -> str:
     from PIL import Image
     from sklearn.datasets import load_sample_image
 
-    from mlray.manifest import build_table, write_manifest
+    from mlray.io.manifest import build_table, write_manifest
 
     manifest = os.path.join(OUT, f"photos_{n}", "manifest")
     if os.path.exists(manifest):
@@ -60,7 +60,7 @@ def photo_manifest(n: int) -> str:
 
 
 def _augment(batch_uint8: torch.Tensor) -> torch.Tensor:
-    from mlray.augment import preprocess
+    from mlray.model.augment import preprocess
     from mlray.config import AugmentConfig
 
     return preprocess(batch_uint8, torch.device("cpu"), (0.5,) * 3, (0.5,) * 3, AugmentConfig())
@@ -78,13 +78,13 @@ def mlray_stream(manifest: str, size: int, batch: int, epochs: int, augment: boo
                  cache: str = "") -> list[float]:
     """Images/s of each epoch of the training stream (the first includes its start-up).
     ``cache="memory"``, as training runs by default: epochs after the first replay the
-    rows from memory (``mlray.cache``); ``"disk"``: from local disk (no memory budget),
+    rows from memory (``mlray.data.cache``); ``"disk"``: from local disk (no memory budget),
     the page cache dropped before every epoch; ``""``: every epoch streams."""
     import tempfile
 
-    from mlray.cache import EpochCache
-    from mlray.data import image_dataset, torch_collate
-    from mlray.manifest import read_vocab
+    from mlray.data.cache import EpochCache
+    from mlray.data.pipeline import image_dataset, torch_collate
+    from mlray.io.manifest import read_vocab
     from mlray.runtime import init_ray
 
     torch.set_num_threads(1)  # augmentation is cheap; leave the cores to decoding
@@ -114,7 +114,7 @@ def mlray_stream(manifest: str, size: int, batch: int, epochs: int, augment: boo
 
 class _ParquetImages(torch.utils.data.Dataset):
     def __init__(self, manifest: str, size: int):
-        from mlray.manifest import read_manifest
+        from mlray.io.manifest import read_manifest
 
         table, _ = read_manifest(manifest, with_images=True)
         self.blobs = table.column("image").to_pylist()
@@ -124,7 +124,7 @@ class _ParquetImages(torch.utils.data.Dataset):
         return len(self.blobs)
 
     def __getitem__(self, i):
-        from mlray.images import decode
+        from mlray.data.images import decode
 
         return torch.from_numpy(decode(self.blobs[i], self.size))
 
@@ -149,14 +149,14 @@ def dataloader(manifest: str, size: int, batch: int, epochs: int, workers: int, 
 
 
 def _decode_chunk(args):
-    from mlray.images import decode
+    from mlray.data.images import decode
 
     blobs, size = args
     return len([decode(b, size) for b in blobs])
 
 
 def raw_bound(manifest: str, size: int, workers: int) -> float:
-    from mlray.manifest import read_manifest
+    from mlray.io.manifest import read_manifest
 
     table, _ = read_manifest(manifest, with_images=True)
     blobs = table.column("image").to_pylist()

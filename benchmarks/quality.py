@@ -49,7 +49,7 @@ N_TRAIN, N_TEST = 2000, 500
 
 
 def _prepared(name: str, build, split: str) -> str:
-    from mlray.prepare import prepare
+    from mlray.data.prepare import prepare
 
     root = os.path.join(OUT, name)
     manifest = os.path.join(root, "manifest")
@@ -59,14 +59,14 @@ def _prepared(name: str, build, split: str) -> str:
 
 
 def scenes_manifest(seed: int = 0) -> str:
-    from mlray.datasets import openclipart_scenes
+    from mlray.demo.datasets import openclipart_scenes
 
     return _prepared("scenes", lambda root: openclipart_scenes(root, N_TRAIN, N_TEST, size=256, seed=seed),
                      "train=0.9,val=0.1")
 
 
 def keywords_manifest(seed: int = 0) -> str:
-    from mlray.datasets import openclipart_keywords
+    from mlray.demo.datasets import openclipart_keywords
 
     return _prepared("keywords", lambda root: openclipart_keywords(root, seed=seed), "train=0.7,val=0.1,test=0.2")
 
@@ -77,7 +77,7 @@ SETS = {"scenes": scenes_manifest, "keywords": keywords_manifest}
 def sorted_manifest(manifest: str) -> str:
     """The same rows and splits, stored sorted by split and then by first label,
     without the row-order key: a manifest written in source order."""
-    from mlray.manifest import SPLITS, ManifestWriter, read_manifest
+    from mlray.io.manifest import SPLITS, ManifestWriter, read_manifest
 
     out = manifest.rstrip("/") + "_sorted"
     if os.path.exists(os.path.join(out, "_stats.json")):
@@ -98,7 +98,7 @@ def sorted_manifest(manifest: str) -> str:
 
 def _backbone():
     from mlray.config import ModelConfig
-    from mlray.models import create_model
+    from mlray.model.factory import create_model
 
     return create_model(ModelConfig(), num_classes=0)  # pooled 1280-d features
 
@@ -110,7 +110,7 @@ def _batches(n, bs, rng):
 
 
 def _to_input(x_uint8, augment: bool):
-    from mlray.augment import preprocess
+    from mlray.model.augment import preprocess
     from mlray.config import AugmentConfig
 
     light = AugmentConfig(scale_min=0.8, color_jitter=0.0)  # "light": flips and mild crops
@@ -162,7 +162,7 @@ class _FlattenHead(torch.nn.Module):
 def competent_recipe(data, epochs, seed, bs=32):
     """Global-pool head; one head-only epoch, then all layers, AdamW + cosine, light aug."""
     from mlray.config import ModelConfig
-    from mlray.models import create_model
+    from mlray.model.factory import create_model
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -207,8 +207,8 @@ def probe_recipe(data, epochs, seed, max_epochs=200, bs=256):
     head trained with BCE to convergence; the epoch and the threshold with the best
     val mAP / F1 are kept (``epochs`` is not used: the probe runs to convergence)."""
     from mlray.config import ThresholdConfig
-    from mlray.metrics import ranking_metrics
-    from mlray.thresholds import tune
+    from mlray.evaluation.metrics import ranking_metrics
+    from mlray.model.thresholds import tune
 
     torch.manual_seed(seed)
     back = _backbone().eval()
@@ -238,8 +238,8 @@ def probe_recipe(data, epochs, seed, max_epochs=200, bs=256):
 
 def mlray_recipe(manifest, epochs, seed, size, name, overrides=()):
     from mlray.config import build_config
-    from mlray.report import evaluate
-    from mlray.train import train
+    from mlray.evaluation.report import evaluate
+    from mlray.training.trainer import train
 
     cfg = build_config(
         {"data": {"manifest": manifest, "image_size": size}, "optim": {"epochs": epochs, "seed": seed},
@@ -263,7 +263,7 @@ def _row(set_name, order, recipe, seed, m, never, t0):
 
 
 def run_set(set_name: str, args, stamp: str) -> list[dict]:
-    from mlray.metrics import collapse_report, multilabel_metrics
+    from mlray.evaluation.metrics import collapse_report, multilabel_metrics
 
     manifest = SETS[set_name]()
     manifests = {"random": manifest, "sorted": sorted_manifest(manifest)}

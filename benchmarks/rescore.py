@@ -52,8 +52,8 @@ def synthetic_source(n: int, run: str) -> str:
     by ``run``'s backbone (cached)."""
     import pyarrow.parquet as pq
 
-    from mlray.inference import Predictor, score_schema
-    from mlray.tag import PARQUET_OPTIONS
+    from mlray.io.tagged import PARQUET_OPTIONS, score_schema
+    from mlray.model.predictor import Predictor
 
     src = os.path.join(os.path.abspath(OUT), f"rescore_src_{n}")
     done = os.path.join(src, "_synthetic.json")
@@ -88,10 +88,10 @@ def plain_loop(run: str, src: str, out: str) -> None:
 
     import pyarrow.parquet as pq
 
-    from mlray.rescore import EmbeddingScores
-    from mlray.tag import PARQUET_OPTIONS
+    from mlray.tagging.rescore import EmbeddingScores
+    from mlray.io.tagged import PARQUET_OPTIONS
 
-    from mlray.inference import Predictor
+    from mlray.model.predictor import Predictor
 
     scorer = EmbeddingScores.from_predictor(Predictor.load(run, "cpu"))
     os.makedirs(out, exist_ok=True)
@@ -104,7 +104,7 @@ def one_case(kind: str, run: str, src: str, out: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     if kind == "mlray":
         body = (
-            "from mlray.tag import tag, TagOptions\n"
+            "from mlray.tagging.job import tag, TagOptions\n"
             f"s = tag({run!r}, {src!r}, {out!r}, TagOptions(from_embeddings=True))\n"
             "r = {'rows': s.rows_written, 'seconds': s.seconds, 'plan_s': s.plan_seconds}\n"
         )

@@ -47,7 +47,7 @@ def trained_run(manifest: str, size: int) -> str:
 def corpus(manifest: str, copies: int) -> str:
     """A folder of image files: the manifest's images, ``copies`` times over
     (cached under out/bench, named after the manifest's data set)."""
-    from mlray.manifest import read_manifest
+    from mlray.io.manifest import read_manifest
 
     source = os.path.basename(os.path.dirname(os.path.abspath(manifest)))
     folder = os.path.join(os.path.abspath(OUT), f"corpus_{source}_x{copies}")
@@ -66,8 +66,8 @@ def plain_loop(run: str, folder: str, batch: int, fuse: bool = False) -> dict:
     """A plain batched loop over the files: read, decode, score, with the model as
     timm builds it (``fuse``: BatchNorm folded, as ``mlray tag`` scores). Returns the
     loop's seconds."""
-    from mlray.images import decode
-    from mlray.inference import Predictor
+    from mlray.data.images import decode
+    from mlray.model.predictor import Predictor
 
     torch.set_num_threads(os.cpu_count() or 1)
     p = Predictor.load(run, "cpu", fuse=fuse)

@@ -28,10 +28,10 @@ from benchmarks.common import (
 
 def plain_loop(manifest: str, size: int, batch: int, epochs: int) -> list[float]:
     """Images/s of each epoch of a plain PyTorch loop over images decoded in memory."""
-    from mlray.augment import preprocess
+    from mlray.model.augment import preprocess
     from mlray.config import AugmentConfig, LossConfig, ModelConfig, OptimConfig
-    from mlray.losses import create_loss
-    from mlray.models import create_model, freeze_norm_stats, init_head, param_groups
+    from mlray.training.losses import create_loss
+    from mlray.model.factory import create_model, freeze_norm_stats, init_head, param_groups
 
     torch.set_num_threads(os.cpu_count() or 1)
     x, y, vocab = load_split(manifest, "train", size)
@@ -62,7 +62,7 @@ def plain_loop(manifest: str, size: int, batch: int, epochs: int) -> list[float]
 def mlray_loop(manifest: str, size: int, batch: int, epochs: int, overrides=()) -> list[float]:
     """Images/s of each epoch of ``mlray train`` (1 worker), as its history records them."""
     from mlray.config import build_config
-    from mlray.train import train
+    from mlray.training.trainer import train
 
     cfg = build_config({
         "data": {"manifest": manifest, "image_size": size, "batch_size": batch},

@@ -13,22 +13,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
-from mlray.config import ConfigError
-from mlray.lease import LeaseHeld
-from mlray.manifest import ManifestError
-from mlray.sources import SourceError
-from mlray.storage import StorageError
-from mlray.tag import TagError
+from mlray.config import ConfigError, option_flag
+from mlray.io.lease import LeaseHeld
+from mlray.io.manifest import ManifestError
+from mlray.data.sources import SourceError
+from mlray.io.storage import StorageError
+from mlray.tagging.job import TagError
 
 USER_ERRORS = (ConfigError, LeaseHeld, ManifestError, SourceError, StorageError, TagError, ValueError, FileNotFoundError)
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from mlray.prepare import prepare
-    from mlray.stats import format_stats
+    from mlray.data.prepare import prepare
+    from mlray.data.stats import format_stats
 
     result = prepare(
         args.source, args.images, args.out, split=args.split, seed=args.seed, pack=args.pack,
@@ -43,8 +44,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from mlray.manifest import read_manifest
-    from mlray.stats import format_stats, manifest_stats
+    from mlray.io.manifest import read_manifest
+    from mlray.data.stats import format_stats, manifest_stats
 
     table, vocab = read_manifest(args.manifest)
     stats = manifest_stats(table, vocab)
@@ -54,10 +55,11 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from mlray.config import load_config
-    from mlray.train import train
+    from mlray.training.trainer import train
 
     if args.resume:
-        from mlray import rundir, storage
+        from mlray.model import rundir
+        from mlray.io import storage
 
         cfg = load_config(storage.join(args.resume, rundir.CONFIG), args.overrides)
     else:
@@ -74,7 +76,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from mlray.report import evaluate, format_summary
+    from mlray.evaluation.report import evaluate, format_summary
 
     doc = evaluate(args.run, args.manifest, args.split, args.out, batch_size=args.batch_size, num_gpus=args.num_gpus,
                    precision=args.precision)
@@ -85,9 +87,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from mlray import storage
-    from mlray.images import ImageError, decode
-    from mlray.inference import Predictor
+    from mlray.io import storage
+    from mlray.data.images import ImageError, decode
+    from mlray.model.predictor import Predictor
 
     predictor = Predictor.load(args.run, None if args.device == "auto" else args.device, precision=args.precision)
     policy = predictor.art.policy
@@ -111,36 +113,54 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _tag(args: argparse.Namespace) -> int:
-    from mlray.tag import TagOptions, tag
+    from mlray.tagging.job import TagOptions, tag
 
-    opts = TagOptions(
-        batch_size=args.batch_size, concurrency=args.concurrency, num_gpus=args.num_gpus,
-        actor_cpus=args.actor_cpus, threshold=args.threshold, top_k=args.top_k, incremental=args.incremental,
-        rows_per_file=args.rows_per_file, decode_batch_size=args.decode_batch_size,
-        fetch_concurrency=args.fetch_concurrency, wait=args.wait, allow_model_change=args.allow_model_change,
-        retry_errors=args.retry_errors, embeddings=args.embeddings, from_embeddings=bool(args.from_embeddings),
-        decode=args.decode, precision=args.precision,
-    )
+    opts = _options(TagOptions, args, from_embeddings=bool(args.from_embeddings))
     summary = tag(args.model, args.from_embeddings or args.input, args.out, opts)
     print(summary.format())
     return 0
 
 
 def _head(args: argparse.Namespace) -> int:
-    from mlray.head import HeadOptions, train_head
+    from mlray.training.head import HeadOptions, train_head
 
-    opts = HeadOptions(epochs=args.epochs, patience=args.patience, lr=args.lr, weight_decay=args.weight_decay,
-                       batch_size=args.batch_size, seed=args.seed,
-                       device=None if args.device == "auto" else args.device, overrides=args.overrides)
+    opts = _options(HeadOptions, args, overrides=args.overrides)
     print(train_head(args.model, args.embeddings, args.manifest, args.out, opts).format())
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from mlray.demo import run_demo
+    from mlray.demo.run import run_demo
 
     run_demo(args.config, args.out, images=args.images, epochs=args.epochs)
     return 0
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, **special: dict) -> None:
+    """One flag per field of an options dataclass (``config.option``): its default,
+    help and type come from the field. ``special``: argparse keywords that replace
+    those of a field (e.g. ``wait={"nargs": "?", ...}``)."""
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict = {"dest": f.name, "default": default, "help": f.metadata.get("help", "")}
+        if isinstance(default, bool):
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = f.metadata.get("type") or type(default)
+            if f.metadata.get("choices"):
+                kw["choices"] = list(f.metadata["choices"])
+            if default is not None:
+                kw["help"] += " (default %(default)s)"
+        kw.update(special.get(f.name, {}))
+        parser.add_argument(option_flag(f), **kw)
+
+
+def _options(cls: type, args: argparse.Namespace, **given):
+    """An options dataclass from parsed flags (``add_options``) and ``given`` values."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **given})
 
 
 def _precision_flag(parser: argparse.ArgumentParser) -> None:
@@ -156,6 +176,9 @@ def _precision_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mlray.tagging.job import TagOptions
+    from mlray.training.head import HeadOptions
+
     p = argparse.ArgumentParser(prog="mlray", description="Multi-label image classification on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -212,27 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--from-embeddings", metavar="TAGS_OUT",
                      help="rescore the embeddings a `tag --embeddings` run stored in TAGS_OUT; no image is read")
     tg.add_argument("--out", required=True, help="output Parquet directory (local or s3://)")
-    tg.add_argument("--batch-size", type=int, default=64)
-    tg.add_argument("--concurrency", type=int, default=1, help="model actors (one per GPU on clusters)")
-    tg.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model actor (1 on GPU clusters)")
-    tg.add_argument("--actor-cpus", type=float, help="CPUs per model actor (default 0.5 on CPU, 1 with GPUs)")
-    tg.add_argument("--threshold", type=float, help="one global threshold instead of the run's tuned ones")
-    tg.add_argument("--top-k", type=int, help="the K best labels per image instead of thresholds")
-    tg.add_argument("--incremental", action="store_true", help="tag only ids not yet in OUT (nightly runs)")
-    tg.add_argument("--rows-per-file", type=int, default=20_000)
-    tg.add_argument("--decode-batch-size", type=int, default=128, help="rows per fetch+decode task")
-    tg.add_argument("--fetch-concurrency", type=int, default=16, help="parallel reads inside a decode task")
-    tg.add_argument("--wait", type=float, nargs="?", const=float("inf"), default=0.0, metavar="SECONDS",
-                    help="wait (up to SECONDS, default forever) for another job writing OUT, instead of refusing")
-    tg.add_argument("--allow-model-change", action="store_true",
-                    help="add rows of this model to an OUT that holds another model's or vocabulary's rows")
-    tg.add_argument("--retry-errors", action="store_true", help="tag again the rows whose error was missing:")
-    tg.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"],
-                    help="where images are decoded: cpu (CPU tasks), device (in the scoring actor: nvJPEG on its "
-                    "GPU, a thread pool on CPU), auto (device; training's auto is cpu without a GPU)")
+    add_options(tg, TagOptions, wait={"nargs": "?", "const": float("inf"), "metavar": "SECONDS"})
     _precision_flag(tg)
-    tg.add_argument("--embeddings", action="store_true",
-                    help="add an embedding column: the pooled features that feed the head (float16)")
     tg.set_defaults(func=_tag)
 
     hd = sub.add_parser("head", help="train a new head on stored embeddings (new labels without reading images)")
@@ -240,13 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     hd.add_argument("--embeddings", required=True, metavar="TAGS_OUT", help="OUT of a `mlray tag --embeddings` run")
     hd.add_argument("--manifest", required=True, help="labelled manifest (ids, labels, splits); joined by image_id")
     hd.add_argument("--out", required=True, help="new run directory (local or s3://)")
-    hd.add_argument("--epochs", type=int, default=300, help="most passes over the embeddings (default %(default)s)")
-    hd.add_argument("--patience", type=int, default=30, help="passes without a val mAP gain before stopping")
-    hd.add_argument("--lr", type=float, default=1e-3)
-    hd.add_argument("--weight-decay", type=float, default=1e-4)
-    hd.add_argument("--batch-size", type=int, default=256)
-    hd.add_argument("--seed", type=int, default=0)
-    hd.add_argument("--device", default="auto", help="cpu, cuda, ... (default: a GPU when there is one)")
+    add_options(hd, HeadOptions)
     hd.add_argument("overrides", nargs="*", help="key=value for the new run's config, e.g. loss.name=bce")
     hd.set_defaults(func=_head)
 

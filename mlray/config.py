@@ -8,15 +8,16 @@ Builders read the config; classes below them take plain arguments.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mlray import storage
+from mlray.io import storage
 
 
-# Scoring precisions of tag, evaluate and predict (``models.scoring_dtype``): the
+# Scoring precisions of tag, evaluate and predict (``factory.scoring_dtype``): the
 # run's mixed precision (auto), fp32 everywhere, or bf16 everywhere (CPU included).
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -247,3 +248,38 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return build_config(tree, overrides, path or "<overrides>")
+
+
+# ---------------------------------------------------------------------------- job options
+# The options of ``tag`` and ``head`` are dataclasses whose fields carry their flag,
+# help and allowed range: the command line, the range checks and the defaults all
+# read them from there (``option``, ``check_options``, ``cli.add_options``).
+
+
+def option(default: Any, help: str, *, flag: str | None = None, low: float | None = None, integer: bool = False,
+           type: Any = None, choices: tuple | None = None, cli: bool = True) -> Any:
+    """A dataclass field of a job's options: its default, its ``--flag`` (default
+    the name with dashes), help text, lowest allowed value, whether it must be a
+    whole number, its argparse ``type`` (default: the default's type) and choices.
+    ``cli=False``: not a flag of its own (the command line sets it another way)."""
+    meta = {"help": help, "flag": flag, "low": low, "integer": integer, "type": type, "choices": choices, "cli": cli}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def option_flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def check_options(opts: Any, error: type[Exception] = ConfigError) -> None:
+    """Each option within its range and choices; the error names the flag."""
+    for f in dataclasses.fields(opts):
+        v, meta = getattr(opts, f.name), f.metadata
+        if v is None or not meta:
+            continue
+        low, integer = meta.get("low"), meta.get("integer")
+        if low is not None and ((integer and int(v) != v) or v < low):
+            raise error(f"{option_flag(f)} {v}: must be {'an integer ' if integer else ''}>= {low}")
+        if meta.get("choices") and v not in meta["choices"]:
+            raise error(f"{option_flag(f)} {v}: choose one of {', '.join(meta['choices'])}")

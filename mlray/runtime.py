@@ -138,7 +138,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False, training: bool = 
         _EMBEDDED["started"] = False
         ray.init(address=address, log_to_driver=True, **level)
     else:
-        from mlray.storage import s3_env
+        from mlray.io.storage import s3_env
 
         # Ray keeps as many *idle* workers as there are CPUs and kills the rest
         # after a second. Between two epochs (validation runs in between) that

@@ -38,7 +38,7 @@ def bucket(s3_server):
 @pytest.fixture(scope="session")
 def mosaics(tmp_path_factory):
     """300 real multi-label JPEGs (2x2 MNIST mosaics) and their one-hot CSV."""
-    from mlray.datasets import mnist_mosaics
+    from mlray.demo.datasets import mnist_mosaics
 
     root = tmp_path_factory.mktemp("mosaics")
     csv_path = mnist_mosaics(str(root), 300, size=64, seed=1)
@@ -63,10 +63,10 @@ def trained_run(s3_server, tmp_path_factory):
     """One short real training run on local disk, shared by the evaluate, predict
     and tag tests: (run directory, manifest, image root)."""
     from mlray.config import build_config
-    from mlray.datasets import mnist_mosaics
-    from mlray.prepare import prepare
+    from mlray.demo.datasets import mnist_mosaics
+    from mlray.data.prepare import prepare
     from mlray.runtime import init_ray
-    from mlray.train import train
+    from mlray.training.trainer import train
 
     root = tmp_path_factory.mktemp("run_images")
     csv_path = mnist_mosaics(str(root), 500, size=64, seed=21)

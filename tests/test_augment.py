@@ -5,7 +5,7 @@ path a GPU takes."""
 import numpy as np
 import torch
 
-from mlray.augment import (LUMA, color_transform, crop_boxes, jitter_factors, preprocess,
+from mlray.model.augment import (LUMA, color_transform, crop_boxes, jitter_factors, preprocess,
                            random_resized_crop_flip)
 from mlray.config import AugmentConfig
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from mlray.cache import EpochCache, _nbytes
+from mlray.data.cache import EpochCache, _nbytes
 
 
 def _stream(n, batch, size=4):

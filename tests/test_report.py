@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mlray import rundir
+from mlray.model import rundir
 from mlray.cli import main
-from mlray.report import PLOTS, evaluate
+from mlray.evaluation.report import PLOTS, evaluate
 
 
 def test_report_renders_with_plots_and_baselines(trained_run, local_ray, tmp_path, capsys):
@@ -70,7 +70,7 @@ def test_predict_prints_labels_with_probabilities(trained_run, capsys):
 
 
 def test_evaluate_rejects_a_manifest_with_other_labels(trained_run, tmp_path):
-    from mlray.manifest import build_table, write_manifest
+    from mlray.io.manifest import build_table, write_manifest
 
     run, _, root = trained_run
     img = os.path.join(root, "images", sorted(os.listdir(os.path.join(root, "images")))[0])

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mlray.manifest import multi_hot, read_manifest, schema_with_vocab
+from mlray.io.manifest import multi_hot, read_manifest, schema_with_vocab
 
 BATCH = 16
 
@@ -41,8 +41,8 @@ def _batch_mix(targets: np.ndarray, batch: int = BATCH) -> float:
 
 def _stream(manifest, vocab, epochs=2):
     """Batches as a training worker sees them, with the defaults ``mlray train`` uses."""
-    from mlray.data import image_dataset
-    from mlray.shuffle import local_buffer_rows
+    from mlray.data.pipeline import image_dataset
+    from mlray.data.shuffle import local_buffer_rows
 
     ds = image_dataset(manifest, "train", shuffle=True, seed=3, size=32, vocab=vocab, decode_batch_size=64)
     it = ds.streaming_split(1, equal=True)[0]  # the way Ray Train hands a worker its shard
@@ -61,7 +61,7 @@ def _stream(manifest, vocab, epochs=2):
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
 def test_sorted_manifest_streams_like_a_random_order(local_ray, mosaics, tmp_path, packed):
-    from mlray.prepare import prepare
+    from mlray.data.prepare import prepare
 
     root, csv_path = mosaics
     fresh = str(tmp_path / "fresh")
@@ -88,8 +88,8 @@ def test_sorted_manifest_streams_like_a_random_order(local_ray, mosaics, tmp_pat
 def test_training_on_a_sorted_manifest_matches_the_shuffled_one(local_ray, mosaics, tmp_path):
     """The user-facing promise: the same rows sorted by label train as well as shuffled."""
     from mlray.config import build_config
-    from mlray.prepare import prepare
-    from mlray.train import train
+    from mlray.data.prepare import prepare
+    from mlray.training.trainer import train
 
     root, csv_path = mosaics
     fresh = str(tmp_path / "fresh")
@@ -121,9 +121,9 @@ def test_shuffled_read_and_decode_run_as_one_task(local_ray, mosaics, tmp_path):
     """The read and the decode fuse into one operator: each task decodes the rows it
     read (two operators would compete for the same CPU slots, and pass every block
     between them through the object store)."""
-    from mlray.data import image_dataset
-    from mlray.manifest import read_vocab
-    from mlray.prepare import prepare
+    from mlray.data.pipeline import image_dataset
+    from mlray.io.manifest import read_vocab
+    from mlray.data.prepare import prepare
 
     root, csv_path = mosaics
     manifest = str(tmp_path / "m")
@@ -141,17 +141,16 @@ def test_only_a_manifest_stored_in_source_order_is_warned_about(mosaics, tmp_pat
     manifests only; a manifest mlray prepared (rows stored shuffled) gets none."""
     import logging
 
-    from mlray.prepare import prepare
-    from mlray.shuffle import _datasource_class
+    from mlray.data.prepare import prepare
+    from mlray.data.shuffle import ShuffledSplit
 
     root, csv_path = mosaics
     fresh = str(tmp_path / "fresh")
     prepare(csv_path, root, fresh, split="train=0.9,val=0.1", pack=True)
     sorted_file = str(tmp_path / "sorted.parquet")
     _sorted_copy(fresh, sorted_file, with_images=True)
-    source = _datasource_class()
     for manifest, warned in ((fresh, False), (sorted_file, True)):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="mlray.shuffle"):
-            source(manifest, "train", ["image_id", "image", "labels"], block_rows=64, seed=0)
+        with caplog.at_level(logging.WARNING, logger="mlray.data.shuffle"):
+            ShuffledSplit(manifest, "train", ["image_id", "image", "labels"], block_rows=64, seed=0)
         assert any("source order" in r.getMessage() for r in caplog.records) == warned, (manifest, caplog.text)

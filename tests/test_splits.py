@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlray.splits import iterative_split, parse_ratios
+from mlray.data.splits import iterative_split, parse_ratios
 
 
 def _generated(n=3000, n_labels=50, seed=0):

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from mlray import storage
-from mlray.lease import Lease, LeaseHeld
+from mlray.io import storage
+from mlray.io.lease import Lease, LeaseHeld
 
 
 def test_an_unreachable_server_is_transient_and_a_missing_object_is_not(bucket, tmp_path):
@@ -177,7 +177,8 @@ def test_fetch_errors_become_retryable_or_missing_rows(tmp_path, monkeypatch):
 
     from servers import S3Server
 
-    from mlray.data import RETRYABLE, decode_rows
+    from mlray.data.pipeline import decode_rows
+    from mlray.io.tagged import RETRYABLE
 
     server = S3Server(str(tmp_path / "gone"))
     try:

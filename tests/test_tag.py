@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from images_zoo import bad_variants, good_variants
 
-from mlray import storage
-from mlray.images import decode
-from mlray.inference import CPU_CHUNK, Predictor
-from mlray.manifest import LABELS_KEY
-from mlray.tag import TagError, TagOptions, tag
+from mlray.io import storage
+from mlray.data.images import decode
+from mlray.model.predictor import CPU_CHUNK, Predictor
+from mlray.io.manifest import LABELS_KEY
+from mlray.tagging.job import TagError, TagOptions, tag
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +355,7 @@ def test_bad_options_and_paths_fail_first_with_one_line(trained_run, tmp_path, c
     import json
     import shutil
 
-    from mlray import rundir
+    from mlray.model import rundir
 
     truncated, relabelled = tmp_path / "truncated", tmp_path / "relabelled"
     for d in (truncated, relabelled):
@@ -407,7 +407,7 @@ def test_weights_that_do_not_fit_the_config_stop_the_job_naming_the_model(traine
 
 
 def test_decode_auto_without_a_gpu_decodes_in_the_scoring_actor_but_not_in_the_trainer():
-    from mlray.device_decode import resolve_mode
+    from mlray.model.device_decode import resolve_mode
 
     assert resolve_mode("auto", 0, "tag") == "device" and resolve_mode("auto", 0, "train") == "cpu"
     assert resolve_mode("auto", 1, "tag") == resolve_mode("auto", 1, "train") == "device"
@@ -420,8 +420,8 @@ def test_the_tagging_driver_checks_the_model_without_importing_torch(trained_run
     run, _, _ = trained_run
     code = (
         "import sys\n"
-        "from mlray.tag import check_model\n"
-        "import mlray.data, mlray.device_decode, mlray.inference, mlray.progress\n"
+        "from mlray.tagging.job import check_model\n"
+        "import mlray.data.pipeline, mlray.model.device_decode, mlray.model.predictor, mlray.progress\n"
         f"art = check_model({run!r})\n"
         "assert art.vocab, art\n"
         "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))\n"
@@ -433,7 +433,7 @@ def test_the_tagging_driver_checks_the_model_without_importing_torch(trained_run
 def test_embeddings_are_the_features_that_feed_the_head(trained_run, local_ray, tmp_path):
     import json
 
-    from mlray.inference import EMBEDDING_KEY
+    from mlray.io.tagged import EMBEDDING_KEY
 
     run, _, root = trained_run
     images = os.path.join(root, "images")

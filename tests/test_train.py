@@ -11,7 +11,8 @@ import time
 import psutil
 import pytest
 
-from mlray import rundir, storage
+from mlray.model import rundir
+from mlray.io import storage
 from mlray.config import ConfigError, build_config, load_config
 
 
@@ -29,8 +30,8 @@ def _cfg(manifest, storage_path, name, **over):
 @pytest.fixture(scope="module")
 def s3_manifest(s3_server, tmp_path_factory):
     """600 real mosaics, packed, in a manifest on the S3 server."""
-    from mlray.datasets import mnist_mosaics
-    from mlray.prepare import prepare
+    from mlray.demo.datasets import mnist_mosaics
+    from mlray.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("train_images")
     csv_path = mnist_mosaics(str(root), 600, size=64, seed=11)
@@ -58,7 +59,7 @@ def _wait_for_checkpoint(directory, epoch, timeout=300):
 
 
 def _train_in_thread(cfg):
-    from mlray.train import train
+    from mlray.training.trainer import train
 
     box = {}
 
@@ -77,7 +78,7 @@ def test_two_workers_learn_from_s3_checkpoint_there_and_a_killed_worker_resumes(
     """DDP on two workers from a manifest on S3, checkpoints on S3; a worker process
     killed after the first checkpoint restarts the run from it. One run for both:
     each Ray Train start costs ~30 s of the suite."""
-    from mlray.train import train
+    from mlray.training.trainer import train
 
     manifest, bucket = s3_manifest
     cfg = _cfg(manifest, f"{bucket}/runs", "ddp2", **{"optim.epochs": 3})
@@ -124,7 +125,8 @@ def test_workers_on_one_machine_read_a_checkpoint_in_place(bucket):
 
     import ray.train
 
-    from mlray.train import STATE_FILE, checkpoint_reader
+    from mlray.training.recipe import STATE_FILE
+    from mlray.training.trainer import checkpoint_reader
 
     weights, state = os.urandom(300_000), os.urandom(50_000)
     base = f"{bucket}/runs/r/checkpoint_2026-12-02_00-00-00.000000"
@@ -204,8 +206,8 @@ def test_bad_images_are_counted_resume_continues_and_too_many_fail(local_ray, mo
     from images_zoo import bad_variants
 
     from mlray.cli import main
-    from mlray.prepare import prepare
-    from mlray.train import train
+    from mlray.data.prepare import prepare
+    from mlray.training.trainer import train
 
     root, csv_path = mosaics
     data = tmp_path / "data"

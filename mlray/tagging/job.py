@@ -3,7 +3,7 @@
     mlray tag --model s3://bucket/runs/coco-001 --input s3://bucket/new/ --out s3://bucket/tags/
 
     checks (options, OUT, model, input) -> lease on OUT -> plan: OUT's ids joined
-      with the input's in Ray tasks (``mlray.tag_plan``), duplicates repaired
+      with the input's in Ray tasks (``mlray.tagging.plan``), duplicates repaired
       -> fetch (retried) + decode (CPU tasks) -> model in an actor pool (GPU:
       num_gpus=1 per actor, bf16/fp16 autocast) -> atomic Parquet parts -> ``_summary.json``
 
@@ -13,7 +13,7 @@ task replaces its own file instead of adding a second one; a job killed halfway
 and run again skips the ids OUT already has, and a job run again after it
 finished has nothing to do. ``--incremental`` is the nightly mode: OUT may hold
 finished runs of other inputs, and only new ids are tagged. One job writes an
-OUT at a time (``mlray.lease``). Rows whose image could not be fetched for a
+OUT at a time (``mlray.io.lease``). Rows whose image could not be fetched for a
 transient cause are not written; the job exits non-zero and the next run tags them.
 
 Ray Data's ``CheckpointConfig`` was considered for this and not used: it deletes
@@ -25,32 +25,30 @@ on local paths it needs a network file system. The output itself is the log here
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 import posixpath
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from mlray import storage, tag_plan
-from mlray.data import RETRYABLE
-from mlray.lease import Lease
-from mlray.manifest import manifest_files
+from mlray.config import PRECISIONS, check_options, option
+from mlray.io import storage, tagged
+from mlray.io.lease import Lease
+from mlray.io.manifest import first_schema, manifest_files
+from mlray.io.tagged import OutFiles
+from mlray.model.device_decode import DECODE_MODES
+from mlray.tagging import plan as tag_plan
 
 if TYPE_CHECKING:
-    from mlray.inference import Predictor
-    from mlray.rundir import RunArtifacts
+    from mlray.model.predictor import Predictor
+    from mlray.model.rundir import RunArtifacts
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-SUMMARY_FILE = "_summary.json"
-MAX_LISTED_IDS = 1000  # retryable ids listed by name in _summary.json (all are counted)
 
 
 class TagError(RuntimeError):
@@ -59,24 +57,33 @@ class TagError(RuntimeError):
 
 @dataclass
 class TagOptions:
-    batch_size: int = 64
-    concurrency: int = 1
-    num_gpus: float = 0.0
-    actor_cpus: float | None = None
-    threshold: float | None = None
-    top_k: int | None = None
-    incremental: bool = False
-    rows_per_file: int = 20_000
-    decode_batch_size: int = 128  # rows per decode task: 64 -> 128 took tagging from 284 to 335 images/s here
-    fetch_concurrency: int = 16
-    wait: float = 0.0  # seconds to wait for another job's lease on OUT (0: refuse at once)
-    allow_model_change: bool = False  # add rows of another model / vocabulary to OUT on purpose
-    retry_errors: bool = False  # tag again the rows whose error was missing: (the object was absent)
-    lease_ttl: float = 120.0  # seconds a lease lives without renewal (renewed every third of it)
-    embeddings: bool = False  # add the pooled features that feed the head (list<float16>) per scored row
-    from_embeddings: bool = False  # the input is a tag OUT with embeddings: rescore them, read no image
-    precision: str = "auto"  # scoring: auto (the run's mixed precision on a GPU, fp32 on CPU), fp32, bf16
-    decode: str = "auto"  # cpu: in CPU tasks; device: in the scoring actor (nvJPEG on its GPU); auto: device (see device_decode.CPU_DEFAULT)
+    """``mlray tag``'s options: defaults, flags, help and ranges in one place (the CLI reads them)."""
+
+    batch_size: int = option(64, "images per scoring call", low=1, integer=True)
+    concurrency: int = option(1, "model actors (one per GPU on clusters)", low=1, integer=True)
+    num_gpus: float = option(0.0, "GPUs per model actor (1 on GPU clusters)", low=0)
+    actor_cpus: float | None = option(None, "CPUs per model actor (default 0.5 on CPU, 1 with GPUs)", type=float)
+    threshold: float | None = option(None, "one global threshold instead of the run's tuned ones", type=float)
+    top_k: int | None = option(None, "the K best labels per image instead of thresholds", low=1, integer=True,
+                               type=int)
+    incremental: bool = option(False, "tag only ids not yet in OUT (nightly runs)")
+    rows_per_file: int = option(20_000, "rows per output part", low=1, integer=True)
+    decode_batch_size: int = option(128, "rows per fetch+decode task", low=1, integer=True)
+    fetch_concurrency: int = option(16, "parallel reads inside a decode task", low=1, integer=True)
+    wait: float = option(0.0, "wait (up to SECONDS, default forever) for another job writing OUT, instead of "
+                         "refusing", low=0)
+    allow_model_change: bool = option(False, "add rows of this model to an OUT that holds another model's or "
+                                      "vocabulary's rows")
+    retry_errors: bool = option(False, "tag again the rows whose error was missing:")
+    lease_ttl: float = option(120.0, "seconds a lease on OUT lives without renewal (renewed every third of it); "
+                              "longer rides out longer storage outages", low=10)
+    embeddings: bool = option(False, "add an embedding column: the pooled features that feed the head (float16)")
+    from_embeddings: bool = option(False, "the input is a tag OUT with embeddings: rescore them, read no image",
+                                   cli=False)
+    precision: str = option("auto", "scoring precision", choices=PRECISIONS, cli=False)
+    decode: str = option("auto", "where images are decoded: cpu (CPU tasks), device (in the scoring actor: nvJPEG "
+                         "on its GPU, a thread pool on CPU), auto (device; training's auto is cpu without a GPU)",
+                         choices=DECODE_MODES)
 
 
 @dataclass
@@ -96,7 +103,7 @@ class TagSummary:
     out: str
     files_written: list[str] = field(default_factory=list)
     retryable: int = 0  # rows left out after transient fetch errors; the next run tags them
-    retryable_ids: list[str] = field(default_factory=list)  # the first MAX_LISTED_IDS of them
+    retryable_ids: list[str] = field(default_factory=list)  # the first tagged.MAX_LISTED_IDS of them
     duplicates_repaired: int = 0  # extra rows of ids OUT held more than once, dropped before tagging
     errors_retried: int = 0  # missing: error rows tagged again (--retry-errors)
     plan_seconds: float = 0.0  # finding the new ids (and repairing OUT) before the first image is read
@@ -155,105 +162,17 @@ def list_images(uri: str) -> pa.Table:
     return pa.table({"image_id": pa.array(ids, pa.string()), "uri": pa.array(files, pa.string())})
 
 
-# Dictionary encoding only where values repeat; floats byte-stream-split: reading
-# a 20,000-row part with embeddings took 0.68 s with the defaults (a dictionary
-# tried and abandoned per page, float16 decoded value by value), 0.15 s this way,
-# and the part is 10% smaller.
-PARQUET_OPTIONS = {
-    "compression": "zstd",
-    "use_dictionary": ["model", "error", "labels.list.element"],
-    "use_byte_stream_split": ["scores.list.element", "embedding.list.element"],
-}
-
-
-def write_part(out: str, table: pa.Table) -> str:
-    """Write rows to ``OUT/part-<digest of their ids>.parquet``, atomically; a
-    retried write of the same rows replaces its own file instead of adding one."""
-    ids = table.column("image_id").to_pylist()
-    digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:24]
-    uri = storage.join(out, f"part-{digest}.parquet")
-    with storage.atomic_local_file(uri, suffix=".parquet") as tmp:
-        pq.write_table(table, tmp, **PARQUET_OPTIONS)
-    return uri
-
-
-def _retryable(errors: pa.ChunkedArray) -> pa.ChunkedArray:
-    return pc.fill_null(pc.starts_with(errors, RETRYABLE + ":"), False)
-
-
-class _AtomicParquetSink:
-    """Writes each task's rows to one Parquet part (``write_part``). Rows whose
-    fetch failed for a transient cause are not written: their ids come back
-    for the summary, and the next run tags them."""
-
-    def __new__(cls, out: str, schema: pa.Schema, rows_per_file: int | None):
-        from ray.data import Datasink
-
-        class AtomicParquetSink(Datasink):
-            def __init__(self):
-                self.result: dict = {"rows": 0, "errors": Counter(), "files": [], "retryable": 0, "retryable_ids": []}
-
-            @property
-            def min_rows_per_write(self) -> int | None:
-                return rows_per_file
-
-            def write(self, blocks, ctx) -> dict:
-                tables = [pa.table(b) if not isinstance(b, pa.Table) else b for b in blocks]
-                tables = [t for t in tables if t.num_rows]
-                if not tables:
-                    return {"rows": 0, "errors": {}, "file": None, "retryable_ids": []}
-                table = pa.concat_tables(tables).select(schema.names).cast(schema)
-                later = _retryable(table.column("error"))
-                retry_ids = table.filter(later).column("image_id").to_pylist()
-                table = table.filter(pc.invert(later))
-                uri = write_part(out, table) if table.num_rows else None
-                errors = Counter(e.split(":", 1)[0] for e in table.column("error").drop_null().to_pylist())
-                return {"rows": table.num_rows, "errors": dict(errors), "file": uri, "retryable_ids": retry_ids}
-
-            def on_write_complete(self, write_result) -> None:
-                for r in write_result.write_returns:
-                    self.result["rows"] += r["rows"]
-                    self.result["errors"].update(r["errors"])
-                    self.result["retryable"] += len(r["retryable_ids"])
-                    room = MAX_LISTED_IDS - len(self.result["retryable_ids"])
-                    self.result["retryable_ids"] += r["retryable_ids"][:max(room, 0)]
-                    if r["file"]:
-                        self.result["files"].append(r["file"])
-
-        return AtomicParquetSink()
-
-
 # --- checks before any work: each failure is one line naming the flag or path ---
 
-_RANGES = {  # option: (flag, lowest allowed, integer?)
-    "batch_size": ("--batch-size", 1, True), "concurrency": ("--concurrency", 1, True),
-    "num_gpus": ("--num-gpus", 0, False), "rows_per_file": ("--rows-per-file", 1, True),
-    "decode_batch_size": ("--decode-batch-size", 1, True), "fetch_concurrency": ("--fetch-concurrency", 1, True),
-    "top_k": ("--top-k", 1, True), "wait": ("--wait", 0, False), "lease_ttl": ("--lease-ttl", 10, False),
-}
 
-
-def check_options(opts: TagOptions) -> None:
-    for name, (flag, low, integer) in _RANGES.items():
-        v = getattr(opts, name)
-        if v is None:
-            continue
-        if (integer and int(v) != v) or v < low:
-            raise TagError(f"{flag} {v}: must be {'an integer ' if integer else ''}>= {low}")
+def check_tag_options(opts: TagOptions) -> None:
+    check_options(opts, TagError)
     if opts.actor_cpus is not None and opts.actor_cpus <= 0:
         raise TagError(f"--actor-cpus {opts.actor_cpus}: must be > 0")
     if opts.threshold is not None and not 0.0 < opts.threshold < 1.0:
         raise TagError(f"--threshold {opts.threshold}: must be between 0 and 1 (a probability)")
     if opts.threshold is not None and opts.top_k is not None:
         raise TagError("--threshold and --top-k choose labels two different ways; pass one of them")
-    from mlray.device_decode import DECODE_MODES
-
-    if opts.decode not in DECODE_MODES:
-        raise TagError(f"--decode {opts.decode}: choose one of {', '.join(DECODE_MODES)}")
-    from mlray.config import PRECISIONS
-
-    if opts.precision not in PRECISIONS:
-        raise TagError(f"--precision {opts.precision}: choose one of {', '.join(PRECISIONS)}")
 
 
 def check_out(out: str) -> None:
@@ -277,12 +196,12 @@ def check_model(model: str, *, load: bool = False) -> "RunArtifacts | Predictor"
     driver imports neither torch nor timm (~3 s of start-up); the scoring actors
     load the weights. ``load``: the model itself, on CPU (for embeddings, whose
     size and backbone digest only the built model knows)."""
-    from mlray import rundir
+    from mlray.model import rundir
 
     try:
         art = rundir.load_artifacts(model)
         if load:
-            from mlray.inference import Predictor
+            from mlray.model.predictor import Predictor
 
             return Predictor(art, device="cpu")
         weights = rundir.scoring_weights(model)
@@ -303,7 +222,7 @@ def _vocab_text(vocab: list[str]) -> str:
     return f"{len(vocab)} labels: {head}"
 
 
-def check_same_model(state: tag_plan.OutFiles, art: RunArtifacts, model: str, out: str, allow: bool) -> None:
+def check_same_model(state: OutFiles, art: RunArtifacts, model: str, out: str, allow: bool) -> None:
     """OUT's rows were made by this model with this vocabulary, unless the user allows otherwise."""
     others = sorted(state.models - {art.model_id})
     vocabs = [json.loads(v) for v in state.vocabs]
@@ -320,23 +239,13 @@ def check_same_model(state: tag_plan.OutFiles, art: RunArtifacts, model: str, ou
     )
 
 
-def _read_summary(out: str) -> dict | None:
-    uri = storage.join(out, SUMMARY_FILE)
-    if not storage.exists(uri):
-        return None
-    try:
-        return json.loads(storage.read_text(uri))
-    except ValueError:
-        return None
-
-
 def tag(model: str, input_uri: str, out: str, opts: TagOptions | None = None) -> TagSummary:
     """Tag every image of ``input_uri`` into ``out``; see the module docstring.
 
     Everything that can be checked is checked before Ray starts: the options,
     the model, the input, and OUT (writable: the lease is written there)."""
     opts = opts or TagOptions()
-    check_options(opts)
+    check_tag_options(opts)
     check_out(out)
     if opts.precision == "bf16" and not opts.num_gpus:
         from mlray.runtime import cpu_has_native_bf16
@@ -358,14 +267,14 @@ def tag(model: str, input_uri: str, out: str, opts: TagOptions | None = None) ->
             if not storage.exists(input_uri):
                 raise TagError(f"--from-embeddings {input_uri}: no such directory or prefix")
             try:
-                _, source_info = tag_plan.embedding_parts(input_uri)
-                tag_plan.check_backbone(source_info, predictor.backbone_digest, predictor.embedding_dim, input_uri,
+                _, source_info = tagged.embedding_parts(input_uri)
+                tagged.check_backbone(source_info, predictor.backbone_digest, predictor.embedding_dim, input_uri,
                                         model)
             except ValueError as e:
                 raise TagError(f"--from-embeddings {e}") from e
             if opts.embeddings:  # copied from the source: they describe what made them
                 embedding = source_info
-            from mlray.rescore import EmbeddingScores
+            from mlray.tagging.rescore import EmbeddingScores
 
             # the head alone (a D x C matrix) travels to the tasks; the backbone stays here
             scorer = EmbeddingScores.from_predictor(predictor, threshold=opts.threshold, top_k=opts.top_k,
@@ -379,117 +288,167 @@ def tag(model: str, input_uri: str, out: str, opts: TagOptions | None = None) ->
 
 def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: TagOptions, lease: Lease,
                 embedding: dict | None, scorer=None) -> TagSummary:
-    import ray.data
-
-    from mlray.data import decode_dataset, read_manifest_dataset, table_dataset, with_absolute_uris
-    from mlray.inference import score_dataset, score_schema
-    from mlray.progress import counter
+    """The job, OUT's lease held: read OUT, describe the input, plan, repair, tag, summarise."""
     from mlray.runtime import init_ray
 
     t0 = time.time()
-    state = tag_plan.out_files(out)
+    state = _read_out(out, art, model, input_uri, opts)
+    inp = _describe_input(input_uri, opts)
+    init_ray(quiet=True)
+    work = _plan(state, inp, opts)
+    n_dups, dropped = _repair(state, work)
+    plan_seconds = time.time() - t0
+    lease.check()
+    # Rescoring writes one part per source part: a minimum of rows per write would
+    # count the fused task's *input* rows (part names) and put every part in one task.
+    sink = tagged.parquet_sink(out, tagged.score_schema(art.vocab, embedding),
+                               None if opts.from_embeddings else opts.rows_per_file)
+    if work.new:
+        from mlray.progress import counter
+
+        progress = counter()
+        _write(_dataset(art, model, inp, state, work, opts, scorer, progress), sink, progress, work.new, model)
+    lease.check()
+    return _summarize(sink.result, work, state, dropped, n_dups, time.time() - t0, plan_seconds, art, input_uri, out)
+
+
+def _read_out(out: str, art: RunArtifacts, model: str, input_uri: str, opts: TagOptions) -> OutFiles:
+    """OUT's parts, from their footers, checked against this job: the same model and
+    vocabulary, embeddings or not like this job, and (unless ``--incremental``) no
+    finished run of another input."""
+    state = tagged.out_files(out)
     check_same_model(state, art, model, out, opts.allow_model_change)
     if state.embeddings and state.embeddings != {opts.embeddings}:
         has = "with" if True in state.embeddings else "without"
         raise TagError(
             f"--out {out} holds parts {has} embeddings; tag into it {has} --embeddings, or choose another --out"
         )
-    previous = _read_summary(out)
+    previous = tagged.read_summary(out)
     if (state.total and previous and previous.get("complete") and previous.get("input") != input_uri
             and not opts.incremental):
         raise TagError(
             f"--out {out} holds a finished tagging run of --input {previous.get('input')}; pass --incremental "
             "to add the new images of this input, or choose another --out"
         )
-    manifest = opts.from_embeddings or _is_manifest(input_uri)
-    listing = manifest_parts = None
-    source = None
+    return state
+
+
+@dataclass
+class _Input:
+    """What the input is, and what of it the plan reads."""
+
+    uri: str
+    manifest: bool  # Parquet parts: a manifest, or (--from-embeddings) a tag OUT read like a packed one
+    packed: bool  # the rows carry more than ids and URIs (image bytes, embeddings): they stay in storage
+    columns: list[str]  # the columns the plan reads
+    parts: list[str] | None = None
+    listing: pa.Table | None = None  # ``image_id, uri`` of the files under a prefix or glob
+    source: OutFiles | None = None  # --from-embeddings: the source OUT
+
+
+def _describe_input(input_uri: str, opts: TagOptions) -> _Input:
     if opts.from_embeddings:  # the source's parts are read like a packed manifest's: ids first, rows when new
-        source = tag_plan.out_files(input_uri)
-        manifest_parts = source.files
-        packed, columns = True, ["image_id"]
-    elif manifest:
-        manifest_parts = manifest_files(input_uri)
-        names = set(_schema_names(manifest_parts[0]))
+        source = tagged.out_files(input_uri)
+        return _Input(input_uri, True, True, ["image_id"], parts=source.files, source=source)
+    if _is_manifest(input_uri):
+        parts = manifest_files(input_uri)
+        names = set(first_schema(input_uri).names)
         packed = "image" in names
         columns = ["image_id"] if packed or "uri" not in names else ["image_id", "uri"]
-    else:
-        listing = list_images(input_uri)
-        packed, columns = False, ["image_id", "uri"]
-    init_ray(quiet=True)
-    # Rows to tag travel from the plan only when OUT holds some: otherwise every
-    # input row is new, and the input is read as it is (a 100M-row first run
-    # would otherwise park its whole listing in the object store).
-    rows_from_plan = bool(state.total) and not packed
-    if source is not None and not state.total:
+        return _Input(input_uri, True, packed, columns, parts=parts)
+    return _Input(input_uri, False, False, ["image_id", "uri"], listing=list_images(input_uri))
+
+
+def _rows_from_plan(state: OutFiles, inp: _Input) -> bool:
+    """Rows to tag travel from the plan only when OUT holds some: otherwise every
+    input row is new, and the input is read as it is (a 100M-row first run would
+    otherwise park its whole listing in the object store)."""
+    return bool(state.total) and not inp.packed
+
+
+def _plan(state: OutFiles, inp: _Input, opts: TagOptions) -> tag_plan.Plan:
+    """Which input rows are new, and which OUT holds twice (``mlray.tagging.plan``)."""
+    if inp.source is not None and not state.total:
         # a first rescore: every source row is new, and the source is a tag output,
         # whose ids its own runs keep unique; its footers count the rows
-        work = tag_plan.Plan(rows_in=source.total, input_duplicates=0, skipped=0, new=source.total)
-    elif listing is not None and not state.total and _unique(listing.column("image_id")):
+        work = tag_plan.Plan(rows_in=inp.source.total, input_duplicates=0, skipped=0, new=inp.source.total)
+    elif inp.listing is not None and not state.total and _unique(inp.listing.column("image_id")):
         # a first run over a listing: every file is new; no join to run (1-2 s of tasks)
-        work = tag_plan.Plan(rows_in=listing.num_rows, input_duplicates=0, skipped=0, new=listing.num_rows)
+        work = tag_plan.Plan(rows_in=inp.listing.num_rows, input_duplicates=0, skipped=0, new=inp.listing.num_rows)
     else:
-        work = tag_plan.plan(state, listing=listing, manifest_parts=manifest_parts, input_columns=columns,
-                             retry_errors=opts.retry_errors, keep_rows=rows_from_plan)
+        work = tag_plan.plan(state, listing=inp.listing, manifest_parts=inp.parts, input_columns=inp.columns,
+                             retry_errors=opts.retry_errors, keep_rows=_rows_from_plan(state, inp))
     if work.rows_in == 0:
-        raise TagError(f"--input {input_uri}: no rows")
+        raise TagError(f"--input {inp.uri}: no rows")
     if work.input_duplicates:
         if opts.from_embeddings:
-            raise TagError(f"--from-embeddings {input_uri}: {work.input_duplicates} duplicate image ids; run its "
+            raise TagError(f"--from-embeddings {inp.uri}: {work.input_duplicates} duplicate image ids; run its "
                            "`mlray tag` command once more, which repairs duplicates, then this one")
-        raise TagError(f"--input {input_uri}: {work.input_duplicates} duplicate image ids; ids must be unique")
+        raise TagError(f"--input {inp.uri}: {work.input_duplicates} duplicate image ids; ids must be unique")
+    return work
+
+
+def _repair(state: OutFiles, work: tag_plan.Plan) -> tuple[int, int]:
+    """Drop the extra rows of ids OUT holds twice, and the ``missing:`` rows about
+    to be tagged again. Returns (duplicate rows repaired, rows dropped in all)."""
     drop = tag_plan.choose_duplicates(state, work.dup_records)
     n_dups = sum(len(v) for v in drop.values())
-    for image_id, k in work.retry_records:  # missing: rows about to be tagged again
+    for image_id, k in work.retry_records:
         drop.setdefault(k, set()).add(image_id)
     dropped = tag_plan.drop_rows(state, drop) if drop else 0
-    plan_seconds = time.time() - t0
     if n_dups or work.dup_records:
         print(f"repaired OUT: {len(set(r[0] for r in work.dup_records))} ids were held more than once; "
               f"kept one row each (a scored row first, then the first part by name)", file=sys.stderr)
-    lease.check()
-    # Rescoring writes one part per source part: a minimum of rows per write would
-    # count the fused task's *input* rows (part names) and put every part in one task.
-    sink = _AtomicParquetSink(out, score_schema(art.vocab, embedding), None if opts.from_embeddings else opts.rows_per_file)
-    if work.new and opts.from_embeddings:
-        from mlray.rescore import score_embedding_rows
+    return n_dups, dropped
 
-        progress = counter()
+
+def _dataset(art: RunArtifacts, model: str, inp: _Input, state: OutFiles, work: tag_plan.Plan, opts: TagOptions,
+             scorer, progress):
+    """The Ray Dataset of the new rows, scored: stored embeddings through the head
+    (``scorer``), or images fetched, decoded and scored by the model's actors."""
+    import ray.data
+
+    from mlray.data.pipeline import decode_dataset, read_manifest_dataset, with_absolute_uris
+    from mlray.data.readtasks import table_dataset
+    from mlray.model.device_decode import resolve_mode
+    from mlray.model.scoring import score_dataset
+
+    if opts.from_embeddings:
+        from mlray.tagging.rescore import score_embedding_rows
+
         scorer.progress = progress
         # one task per source part: read, keep the new rows, score; no listing
         # step and no block of embeddings in the object store
-        ds = ray.data.from_items([{"uri": f} for f in source.files], override_num_blocks=len(source.files))
-        ds = ds.map_batches(score_embedding_rows, batch_format="pyarrow", batch_size=1,
-                            fn_kwargs={"scorer": scorer, "new_refs": work.new_refs if state.total else None})
-        _write(ds, sink, progress, work.new, model)
-    elif work.new:
-        if rows_from_plan:
-            ds = ray.data.from_arrow_refs(work.new_refs)
-            if manifest:
-                ds = with_absolute_uris(ds, input_uri)
-        elif manifest:
-            ds = read_manifest_dataset(input_uri, None, ["image_id", "uri", "image"])
-            if state.total:  # packed: the image bytes stay in the manifest until a new row is read
-                ds = ds.map_batches(tag_plan.keep_new, batch_format="pyarrow", fn_kwargs={"new_refs": work.new_refs})
-        else:
-            ds = table_dataset(listing, opts.decode_batch_size)
-        from mlray.device_decode import resolve_mode
+        ds = ray.data.from_items([{"uri": f} for f in inp.parts], override_num_blocks=len(inp.parts))
+        return ds.map_batches(score_embedding_rows, batch_format="pyarrow", batch_size=1,
+                              fn_kwargs={"scorer": scorer, "new_refs": work.new_refs if state.total else None})
+    from_plan = _rows_from_plan(state, inp)
+    if from_plan:
+        ds = ray.data.from_arrow_refs(work.new_refs)
+        if inp.manifest:
+            ds = with_absolute_uris(ds, inp.uri)
+    elif inp.manifest:
+        ds = read_manifest_dataset(inp.uri, None, ["image_id", "uri", "image"])
+        if state.total:  # packed: the image bytes stay in the manifest until a new row is read
+            ds = ds.map_batches(tag_plan.keep_new, batch_format="pyarrow", fn_kwargs={"new_refs": work.new_refs})
+    else:
+        ds = table_dataset(inp.listing, opts.decode_batch_size)
+    ds = decode_dataset(
+        ds, size=art.config.data.image_size, vocab=None, decode_batch_size=opts.decode_batch_size,
+        fetch_concurrency=opts.fetch_concurrency, keep=("image_id", "uri"),
+        reblock=inp.manifest or from_plan, decode=resolve_mode(opts.decode, opts.num_gpus, "tag"),
+    )
+    return score_dataset(
+        ds, model, batch_size=opts.batch_size, concurrency=opts.concurrency, num_gpus=opts.num_gpus,
+        actor_cpus=opts.actor_cpus, threshold=opts.threshold, top_k=opts.top_k, progress=progress,
+        embeddings=opts.embeddings, precision=opts.precision,
+    )
 
-        ds = decode_dataset(
-            ds, size=art.config.data.image_size, vocab=None, decode_batch_size=opts.decode_batch_size,
-            fetch_concurrency=opts.fetch_concurrency, keep=("image_id", "uri"),
-            reblock=manifest or rows_from_plan, decode=resolve_mode(opts.decode, opts.num_gpus, "tag"),
-        )
-        progress = counter()
-        ds = score_dataset(
-            ds, model, batch_size=opts.batch_size, concurrency=opts.concurrency, num_gpus=opts.num_gpus,
-            actor_cpus=opts.actor_cpus, threshold=opts.threshold, top_k=opts.top_k, progress=progress,
-            embeddings=opts.embeddings, precision=opts.precision,
-        )
-        _write(ds, sink, progress, work.new, model)
-    lease.check()
-    seconds = time.time() - t0
-    res = sink.result
+
+def _summarize(res: dict, work: tag_plan.Plan, state: OutFiles, dropped: int, n_dups: int, seconds: float,
+               plan_seconds: float, art: RunArtifacts, input_uri: str, out: str) -> TagSummary:
+    """Count rows in and out, write ``_summary.json``, and fail when rows are missing
+    (inconsistent) or were left out for the next run (transient fetch errors)."""
     written, retryable = res["rows"], res["retryable"]
     errors = sum(res["errors"].values())
     summary = TagSummary(
@@ -501,12 +460,11 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
         errors_retried=len(work.retry_records), plan_seconds=plan_seconds,
     )
     complete = summary.missing == 0 and retryable == 0
-    doc = {**summary.__dict__, "complete": complete, "input": input_uri}
-    storage.write_text(storage.join(out, SUMMARY_FILE), json.dumps(doc, indent=1))
+    where = tagged.write_summary(out, {**summary.__dict__, "complete": complete, "input": input_uri})
     if retryable:
         raise TagError(
             f"{retryable} rows could not be fetched (storage unreachable or throttling, after retries) and were "
-            f"left out of OUT; they are listed in {storage.join(out, SUMMARY_FILE)} as retryable. "
+            f"left out of OUT; they are listed in {where} as retryable. "
             f"Run the same command again to tag them.\n{summary.format()}"
         )
     if summary.missing:
@@ -526,7 +484,7 @@ def _write(ds, sink, progress, rows: int, model: str) -> None:
         try:
             ds.write_datasink(sink)
         except Exception as e:  # noqa: BLE001 - a storage outage, a lost node: one clear line
-            from mlray.inference import MODEL_DOES_NOT_LOAD
+            from mlray.model.scoring import MODEL_DOES_NOT_LOAD
 
             text = str(e)
             if MODEL_DOES_NOT_LOAD in text:  # running again would not help
@@ -537,8 +495,3 @@ def _write(ds, sink, progress, rows: int, model: str) -> None:
                 f"the tagging job stopped: {cause}\nEvery part written so far is complete and kept; "
                 "run the same command again to tag the rest"
             ) from e
-
-
-def _schema_names(uri: str) -> list[str]:
-    fs, path = storage.resolve(uri)
-    return pq.read_schema(path, filesystem=fs).names

@@ -34,7 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from mlray import storage
+from mlray.io import storage
 
 LEASE_FILE = "_lease.json"
 

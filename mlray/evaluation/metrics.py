@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn import metrics as skm
 
+from mlray.model.thresholds import top_k_mask
+
 THRESHOLD_KEYS = (
     "hamming_loss", "subset_accuracy", "precision_micro", "recall_micro", "f1_micro", "f1_macro",
     "f1_samples", "jaccard_samples", "CP", "CR", "CF1", "OP", "OR", "OF1",
@@ -89,14 +91,6 @@ def threshold_metrics(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return out
 
 
-def top_k_predictions(scores: np.ndarray, k: int) -> np.ndarray:
-    k = min(k, scores.shape[1])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    pred = np.zeros(scores.shape, dtype=bool)
-    np.put_along_axis(pred, top, True, axis=1)
-    return pred
-
-
 def ranking_metrics(scores: np.ndarray, y: np.ndarray) -> dict[str, float]:
     ap = average_precision_per_label(scores, y)
     has_pos = y.sum(axis=1) > 0
@@ -153,7 +147,7 @@ def multilabel_metrics(
     out: dict[str, float] = {"n_images": n, "n_labels": c}
     out.update(ranking_metrics(scores, y))
     out.update(threshold_metrics(pred, y))
-    for k, v in _paper_style(top_k_predictions(scores, top_k), y).items():
+    for k, v in _paper_style(top_k_mask(scores, top_k), y).items():
         out[f"{k}_top{top_k}"] = v
     out["pred_per_image"] = float(pred.sum(axis=1).mean())
     out["true_per_image"] = float(y.sum(axis=1).mean())

@@ -16,30 +16,35 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
-from mlray import rundir, storage, tag_plan
+from mlray.config import check_options, option
+from mlray.io import storage
+from mlray.io.manifest import is_packed, manifest_files
+from mlray.io.tagged import check_backbone, embedding_parts, lookup_embeddings
+from mlray.model import rundir
 
 HEAD_FILE = "head.json"  # how a head-only run was made: source run, embeddings, counts, options
 
 
 @dataclass
 class HeadOptions:
-    epochs: int = 300  # most passes over the labelled embeddings (early stop ends it sooner)
-    patience: int = 30  # passes without a val mAP gain before stopping
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 256
-    seed: int = 0
-    device: str | None = None  # default: a GPU when there is one
-    overrides: list[str] = field(default_factory=list)  # key=value for the new run's config (loss.*, thresholds.*)
+    """``mlray head``'s options: defaults, flags, help and ranges in one place (the CLI reads them)."""
+
+    epochs: int = option(300, "most passes over the labelled embeddings (early stop ends it sooner)", low=1,
+                         integer=True)
+    patience: int = option(30, "passes without a val mAP gain before stopping", low=1, integer=True)
+    lr: float = option(1e-3, "AdamW learning rate", low=0)
+    weight_decay: float = option(1e-4, "AdamW weight decay", low=0)
+    batch_size: int = option(256, "embeddings per step", low=1, integer=True)
+    seed: int = option(0, "seed of the head's initialisation and batch order", integer=True, low=0)
+    device: str | None = option(None, "cpu, cuda, ... (default: a GPU when there is one)", type=str)
+    overrides: list[str] = option([], "key=value for the new run's config (loss.*, thresholds.*)", cli=False)
 
 
 @dataclass
@@ -54,7 +59,7 @@ class HeadResult:
     seconds: float
 
     def format(self) -> str:
-        from mlray.metrics import format_collapse
+        from mlray.evaluation.metrics import format_collapse
 
         lines = [
             f"embeddings: {self.from_embeddings} from the tag output, {self.computed} computed from images now, "
@@ -69,50 +74,16 @@ class HeadResult:
         return "\n".join(lines)
 
 
-def lookup_embeddings(files: list[str], ids: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings of ``ids`` from tag-output parts: ((N, dim) float32, found (N,) bool).
-    Error rows and absent ids are not found; a second row of an id is ignored."""
-    value_set = pc.unique(ids)
-
-    def read(uri: str) -> pa.Table:
-        fs, path = storage.resolve(uri)
-
-        def once() -> pa.Table:
-            t = pq.read_table(path, filesystem=fs, columns=["image_id", "embedding"])
-            t = t.filter(pc.is_in(t.column("image_id"), value_set=value_set))
-            return t.filter(pc.is_valid(t.column("embedding")))
-
-        return storage.retrying(once, uri)
-
-    with ThreadPoolExecutor(8) as pool:
-        parts = list(pool.map(read, files))
-    found = pa.concat_tables(parts).combine_chunks() if parts else None
-    out = np.zeros((len(ids), dim), np.float32)
-    if found is None or found.num_rows == 0:
-        return out, np.zeros(len(ids), bool)
-    where = pc.fill_null(pc.index_in(ids, value_set=found.column("image_id")), -1).to_numpy().astype(np.int64)
-    have = where >= 0
-    values = pc.list_flatten(found.column("embedding").chunk(0)).to_numpy(zero_copy_only=False)
-    matrix = values.reshape(found.num_rows, dim)
-    out[have] = matrix[where[have]].astype(np.float32)
-    return out, have
-
-
 def _rows_to_embed(manifest: str, table: pa.Table, want: np.ndarray) -> pa.Table:
     """The manifest rows to embed from images: ``image_id, uri`` and, for packed
     manifests, the ``image`` bytes (read now, for these rows only)."""
-    from mlray.manifest import manifest_files
-
     rows = table.filter(pa.array(want)).select(["image_id", "uri"])
-    files = manifest_files(manifest)
-    fs, path = storage.resolve(files[0])
-    if "image" not in pq.read_schema(path, filesystem=fs).names:
+    if not is_packed(manifest):
         return rows
     ids = rows.column("image_id").combine_chunks()
     parts = []
-    for f in files:
-        fs, path = storage.resolve(f)
-        t = storage.retrying(lambda: pq.read_table(path, filesystem=fs, columns=["image_id", "image"]), f)
+    for f in manifest_files(manifest):
+        t = storage.read_table(f, columns=["image_id", "image"])
         parts.append(t.filter(pc.is_in(t.column("image_id"), value_set=ids)))
     images = pa.concat_tables(parts)
     at = pc.index_in(ids, value_set=images.column("image_id"))
@@ -124,7 +95,7 @@ def embed_images(rows: pa.Table, predictor, batch_size: int = 64) -> tuple[np.nd
     backbone: ((N, D) float32, [(id, error)], decoded (N,) bool)."""
     from tqdm import tqdm
 
-    from mlray.data import decode_rows
+    from mlray.data.pipeline import decode_rows
 
     out = np.zeros((rows.num_rows, predictor.embedding_dim), np.float32)
     ok_all = np.zeros(rows.num_rows, bool)
@@ -155,9 +126,9 @@ def fit_head(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], cfg, positi
              opts: HeadOptions) -> tuple[torch.nn.Linear, int, list[dict]]:
     """Train a linear head on ``x["train"]``; keep the pass with the best val mAP.
     Returns (head, best pass, per-pass records)."""
-    from mlray.losses import create_loss
-    from mlray.metrics import average_precision_per_label, multilabel_metrics
-    from mlray.models import init_linear
+    from mlray.training.losses import create_loss
+    from mlray.evaluation.metrics import average_precision_per_label, multilabel_metrics
+    from mlray.model.factory import init_linear
 
     torch.manual_seed(opts.seed)
     prior = [p / max(n_train, 1) for p in positives]
@@ -208,19 +179,19 @@ def train_head(model: str, embeddings: str, manifest: str, out: str, opts: HeadO
     """Train a head for ``manifest``'s labels on the embeddings in ``embeddings``
     (a tag OUT), on ``model``'s backbone; write the run directory ``out``."""
     from mlray.config import training_facts
-    from mlray.inference import Predictor
-    from mlray.manifest import multi_hot, read_manifest
-    from mlray.metrics import collapse_report, multilabel_metrics
-    from mlray.thresholds import tune
+    from mlray.model.predictor import Predictor
+    from mlray.io.manifest import multi_hot, read_manifest
+    from mlray.evaluation.validation import tune_and_judge
 
     opts = opts or HeadOptions()
+    check_options(opts)
     t0 = time.time()
     if storage.exists(storage.join(out, rundir.WEIGHTS)):
         raise ValueError(f"--out {out} already holds a run (model.safetensors); choose a new run directory")
     # unfolded: the new run's weights file is this model's state dict with the new head
-    predictor = Predictor.load(model, opts.device, fuse=False)
-    state, info = tag_plan.embedding_parts(embeddings)
-    tag_plan.check_backbone(info, predictor.backbone_digest, predictor.embedding_dim, embeddings, model)
+    predictor = Predictor.load(model, None if opts.device in (None, "auto") else opts.device, fuse=False)
+    state, info = embedding_parts(embeddings)
+    check_backbone(info, predictor.backbone_digest, predictor.embedding_dim, embeddings, model)
     table, vocab = read_manifest(manifest)
     cfg = _new_config(predictor.art.config, manifest, out, opts.overrides)
     if "split" not in table.column_names:
@@ -254,18 +225,10 @@ def train_head(model: str, embeddings: str, manifest: str, out: str, opts: HeadO
     with torch.no_grad():
         val_scores = torch.sigmoid(head(x["val"])).cpu().numpy()
     yva = y["val"].cpu().numpy().astype(np.uint8)
-    policy = tune(val_scores, yva, cfg.thresholds, prior=prior)
-    pred = policy.predict(val_scores)
-    tuned = multilabel_metrics(val_scores, yva, policy.thresholds, prior=prior, predictions=pred)
-    at_half = multilabel_metrics(val_scores, yva, 0.5, prior=prior)
-    record = history[best_epoch - 1] | {
-        "val_f1_micro": tuned["f1_micro"], "val_f1_macro": tuned["f1_macro"], "val_f1_micro@0.5": at_half["f1_micro"],
-        "val_hamming_loss": tuned["hamming_loss"], "val_subset_accuracy": tuned["subset_accuracy"],
-        "val_pred_per_image": tuned["pred_per_image"],
-    }
+    judged = tune_and_judge(val_scores, yva, cfg.thresholds, prior)
+    record = history[best_epoch - 1] | judged.record()
     history[best_epoch - 1] = record
-    collapse = collapse_report(tuned, val_scores, policy.thresholds, vocab, yva, predictions=pred,
-                               history=history, settings=training_facts(cfg))
+    collapse = judged.collapse(vocab, history, training_facts(cfg))
     record["collapsed"] = collapse["collapsed"]
 
     model_nn = predictor.model
@@ -275,13 +238,11 @@ def train_head(model: str, embeddings: str, manifest: str, out: str, opts: HeadO
         fc.weight.copy_(head.weight.detach().to(fc.weight.device))
         fc.bias.copy_(head.bias.detach().to(fc.bias.device))
     rundir.write_run_files(out, cfg, vocab, positives, n_train)
-    rundir.save_weights(storage.join(out, rundir.WEIGHTS), model_nn.state_dict())
-    storage.write_text(storage.join(out, rundir.THRESHOLDS), policy.to_json())
-    storage.write_text(storage.join(out, rundir.BEST),
-                       json.dumps({"epoch": best_epoch, "val": dict(tuned), "record": record}, indent=1))
+    rundir.write_best(out, model_nn.state_dict(), judged.policy, best_epoch, judged.metrics, record)
     rundir.write_history(out, history)
     seconds = time.time() - t0
-    result = HeadResult(out, int(have.sum()) - computed, computed, unreadable, best_epoch, dict(tuned), collapse, seconds)
+    result = HeadResult(out, int(have.sum()) - computed, computed, unreadable, best_epoch, dict(judged.metrics), collapse,
+                        seconds)
     storage.write_text(storage.join(out, HEAD_FILE), json.dumps({
         "source_run": model, "source_model": predictor.art.model_id, "embeddings": embeddings, "embedding": info,
         "manifest": manifest, "options": asdict(opts), "from_embeddings": result.from_embeddings,

@@ -23,7 +23,7 @@ import timm
 import torch
 from torch import nn
 
-from mlray import storage
+from mlray.io import storage
 from mlray.config import PRECISIONS, ModelConfig, OptimConfig
 
 PACKAGED_WEIGHTS = {

@@ -16,64 +16,15 @@ import base64
 import html
 import io
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlray import storage
-from mlray.metrics import average_precision_per_label, collapse_report, multilabel_metrics
+from mlray.io import storage
+from mlray.evaluation.metrics import average_precision_per_label
 
 PLOTS = ("history", "ap_per_label", "pr_curves", "cardinality", "baselines")
-
-
-@dataclass
-class Scored:
-    ids: list[str]
-    scores: np.ndarray
-    targets: np.ndarray
-    errors: list[tuple[str, str]]
-
-
-def score_splits(run: str, manifest: str, splits: list[str], *, batch_size: int = 64, concurrency: int = 1,
-                 num_gpus: float = 0.0, precision: str = "auto") -> dict[str, Scored]:
-    """Score some splits of a manifest with the run's model, in one Ray Data
-    pipeline (one model actor pool, however many splits), in ``precision``
-    (``models.scoring_dtype``)."""
-    from mlray.data import image_dataset
-    from mlray.inference import score_dataset
-    from mlray.manifest import read_vocab
-    from mlray.rundir import load_artifacts
-    from mlray.runtime import init_ray
-
-    art = load_artifacts(run)
-    vocab = read_vocab(manifest)
-    if vocab != art.vocab:
-        raise ValueError(
-            f"{manifest}: its vocabulary ({len(vocab)} labels) differs from the run's ({len(art.vocab)}); "
-            "evaluate on a manifest prepared with the same labels"
-        )
-    init_ray()
-    ds = image_dataset(manifest, splits, size=art.config.data.image_size, vocab=vocab, keep=("image_id", "uri", "split"))
-    ds = score_dataset(ds, run, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, with_targets=True,
-                       precision=precision)
-    rows: dict[str, dict[str, list]] = {s: {"ids": [], "scores": [], "targets": [], "errors": []} for s in splits}
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in batch.to_pylist():
-            r = rows[row["split"]]
-            if row["error"] is not None:
-                r["errors"].append((row["image_id"], row["error"]))
-                continue
-            r["ids"].append(row["image_id"])
-            r["scores"].append(row["scores"])
-            r["targets"].append(row["target"])
-    out = {}
-    for s, r in rows.items():
-        if not r["ids"]:
-            raise ValueError(f"{manifest}: no decodable images in split {s!r}")
-        out[s] = Scored(r["ids"], np.asarray(r["scores"], np.float32), np.asarray(r["targets"], np.uint8), r["errors"])
-    return out
 
 
 def per_label_table(vocab, scores, targets, policy) -> pa.Table:
@@ -239,12 +190,14 @@ def evaluate(run: str, manifest: str, split: str = "test", out: str | None = Non
              precision: str = "auto") -> dict:
     """Score ``split`` and write the report; returns the metrics dict. ``num_gpus``:
     GPUs of the scoring actor (1 on a GPU machine; it then scores in the run's
-    mixed precision, ``models.amp_dtype``). ``precision``: ``auto``, ``fp32`` or
-    ``bf16`` (``models.scoring_dtype``); evaluate in the precision you tag in, so
+    mixed precision, ``factory.amp_dtype``). ``precision``: ``auto``, ``fp32`` or
+    ``bf16`` (``factory.scoring_dtype``); evaluate in the precision you tag in, so
     the thresholds compared on the validation split are those tagging will meet."""
     from mlray.config import training_facts
-    from mlray.rundir import load_artifacts, read_history
-    from mlray.thresholds import compare_strategies as compare
+    from mlray.evaluation.validation import compare_strategies as compare
+    from mlray.evaluation.validation import judge
+    from mlray.model.rundir import load_artifacts, read_history
+    from mlray.model.scoring import score_splits
 
     art = load_artifacts(run)
     out = out or storage.join(run, "report", split)
@@ -253,13 +206,9 @@ def evaluate(run: str, manifest: str, split: str = "test", out: str | None = Non
     scored_all = score_splits(run, manifest, [split, val_split] if compare_on else [split], batch_size=batch_size,
                               num_gpus=num_gpus, precision=precision)
     scored = scored_all[split]
-    pred = art.policy.predict(scored.scores)
-    metrics = multilabel_metrics(scored.scores, scored.targets, art.policy.thresholds, prior=art.prior, predictions=pred)
-    at_half = multilabel_metrics(scored.scores, scored.targets, 0.5, prior=art.prior)
-    collapse = collapse_report(
-        metrics, scored.scores, art.policy.thresholds, art.vocab, scored.targets, predictions=pred,
-        history=read_history(run), settings=training_facts(art.config),
-    )
+    judged = judge(scored.scores, scored.targets, art.policy, art.prior)
+    metrics, at_half = judged.metrics, judged.at_half
+    collapse = judged.collapse(art.vocab, read_history(run), training_facts(art.config))
     strategies = None
     if compare_on:
         val = scored_all[val_split]
@@ -300,7 +249,7 @@ def format_summary(doc: dict) -> str:
     lines.append(f"labels per image: predicted {m['pred_per_image']:.2f}, true {m['true_per_image']:.2f}; "
                  f"images without a label: {m['images_without_prediction']:.1%}")
     if doc["collapse"]["collapsed"]:
-        from mlray.metrics import format_collapse
+        from mlray.evaluation.metrics import format_collapse
 
         lines.append(format_collapse(doc["collapse"]))
     if doc["decode_errors"]:

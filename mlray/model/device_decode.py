@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mlray.images import DEFAULT_MAX_PIXELS, ImageError, decode
+from mlray.data.images import DEFAULT_MAX_PIXELS, ImageError, decode
 
 if TYPE_CHECKING:  # imported where decoding runs: the tagging driver only checks --decode
     import torch

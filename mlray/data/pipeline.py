@@ -14,7 +14,7 @@ the encoded bytes out of the object store.
 Rows that cannot be decoded are *kept*, with an ``error`` string and a zero
 image: training counts and skips them, tagging writes them as error rows. Images
 leave the CPU stream as uint8 (4x smaller than float); normalisation and
-augmentation happen on the training device (``mlray.augment``).
+augmentation happen on the training device (``mlray.model.augment``).
 """
 
 from __future__ import annotations
@@ -24,15 +24,11 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from mlray import storage
-from mlray.images import DEFAULT_MAX_PIXELS, decode_many
-from mlray.manifest import absolute_uris, manifest_base, manifest_files, multi_hot
-
-
-# Error reason of a row whose image could not be fetched for a transient cause
-# (outage, throttling) even after retries: the image may be fine, so tagging
-# leaves the row out of its output for the next run to pick up.
-RETRYABLE = "retryable"
+from mlray.io import storage
+from mlray.data.images import DEFAULT_MAX_PIXELS, decode_many
+from mlray.data.shuffle import shuffled_split
+from mlray.io.manifest import absolute_uris, first_schema, manifest_base, manifest_files, multi_hot
+from mlray.io.tagged import RETRYABLE
 
 
 def _string_array(values: Sequence[str | None]) -> np.ndarray:
@@ -102,14 +98,14 @@ def decode_rows(
 def read_manifest_dataset(manifest: str, split: str | Sequence[str] | None, columns: Sequence[str]):
     """A Ray Dataset over a manifest's rows in stored order, filtered to ``split`` (one
     name or several; pushed down to the Parquet scan, which skips row groups of
-    other splits). Training reads through ``mlray.shuffle`` instead."""
+    other splits). Training reads through ``mlray.data.shuffle`` instead."""
     import ray.data
     from ray.data.expressions import col
 
     files = manifest_files(manifest)
     fs, _ = storage.resolve(files[0])
     paths = [storage.resolve(f)[1] for f in files]
-    schema_cols = set(_schema_names(files[0]))
+    schema_cols = set(first_schema(manifest).names)
     cols = [c for c in columns if c in schema_cols]
     if split is not None and "split" in schema_cols:
         cols = list(dict.fromkeys([*cols, "split"]))
@@ -121,79 +117,9 @@ def read_manifest_dataset(manifest: str, split: str | Sequence[str] | None, colu
     return with_absolute_uris(ds, manifest) if "uri" in cols else ds
 
 
-def row_read_tasks(table: pa.Table, table_ref, row_lists: Sequence[np.ndarray], per_task_row_limit=None) -> list:
-    """Ray Data read tasks, one per array of row numbers of ``table`` (already in
-    the object store as ``table_ref``, so the rows travel once, not in every task)."""
-    import ray
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import ReadTask
-
-    per_row = table.nbytes / max(table.num_rows, 1)
-    tasks = []
-    for rows in row_lists:
-        meta = BlockMetadata(num_rows=len(rows), size_bytes=int(per_row * len(rows)), input_files=None, exec_stats=None)
-        tasks.append(ReadTask(lambda ref=table_ref, r=rows: [ray.get(ref).take(pa.array(r))], meta,
-                              per_task_row_limit=per_task_row_limit))
-    return tasks
-
-
-def table_dataset(table: pa.Table, block_rows: int):
-    """A Ray Dataset over an in-memory table (a listing of image files), in order,
-    ``block_rows`` rows per read task. ``ray.data.from_arrow`` would run a Ray task
-    per block to plan it, which waits for a worker process: ~1.5 s before the
-    tagging job's first image. These reads also fuse with the decode after them."""
-    import ray.data
-
-    source = _table_source_class()(table, block_rows)
-    return ray.data.read_datasource(source, override_num_blocks=source.num_tasks())
-
-
-_TABLE_SOURCE = None
-
-
-def _table_source_class():
-    """Built on first use, so that importing this module does not import Ray Data."""
-    global _TABLE_SOURCE
-    if _TABLE_SOURCE is None:
-        from ray.data.datasource import Datasource
-
-        class TableSource(Datasource):
-            def __init__(self, table: pa.Table, block_rows: int):
-                super().__init__()
-                self.table, self.block_rows, self.ref = table, block_rows, None
-
-            def num_tasks(self) -> int:
-                return max(1, -(-self.table.num_rows // self.block_rows))
-
-            def estimate_inmemory_data_size(self) -> int:
-                return self.table.nbytes
-
-            def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
-                import ray
-
-                if self.ref is None:
-                    self.ref = ray.put(self.table)
-                n = self.table.num_rows
-                rows = [np.arange(i, min(i + self.block_rows, n)) for i in range(0, n, self.block_rows)]
-                return row_read_tasks(self.table, self.ref, rows, per_task_row_limit)
-
-            def get_name(self) -> str:
-                return "Table"
-
-        _TABLE_SOURCE = TableSource
-    return _TABLE_SOURCE
-
-
 def with_absolute_uris(ds, manifest: str):
     return ds.map_batches(absolute_uris, batch_format="pyarrow", fn_kwargs={"base": manifest_base(manifest)},
                           zero_copy_batch=True)
-
-
-def _schema_names(uri: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    fs, path = storage.resolve(uri)
-    return pq.read_schema(path, filesystem=fs).names
 
 
 def decode_dataset(
@@ -211,7 +137,7 @@ def decode_dataset(
     """Fetch and decode the rows of any dataset with ``image_id``, ``uri`` and
     optionally ``image`` columns (a manifest, or a listing of image files). With
     ``decode="device"`` the rows are fetched only: the consumer decodes the
-    ``encoded`` bytes next to its model (``mlray.device_decode``)."""
+    ``encoded`` bytes next to its model (``mlray.model.device_decode``)."""
     if reblock:  # pass False when every block holds at most ``decode_batch_size`` rows
         ds = ds.repartition(target_num_rows_per_block=decode_batch_size)
     # Blocks already cut to size go through whole (batch_size=None): a minimum batch
@@ -231,12 +157,10 @@ def image_dataset(
 ):
     """Decoded images of one split of a manifest, as a lazy Ray Dataset. With
     ``shuffle``, every epoch streams the rows in a new random order that mixes
-    the whole split, whatever order the manifest stores them in (``mlray.shuffle``)."""
+    the whole split, whatever order the manifest stores them in (``mlray.data.shuffle``)."""
     columns = ["image_id", "uri", "labels", "image", *keep]
     if not shuffle:
         return decode_dataset(read_manifest_dataset(manifest, split, columns), keep=keep, **kw)
-    from mlray.shuffle import shuffled_split
-
     ds = shuffled_split(manifest, split, columns, block_rows=kw.get("decode_batch_size", 128), seed=seed)
     return decode_dataset(ds, keep=keep, reblock=False, **kw)
 

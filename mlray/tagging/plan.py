@@ -12,84 +12,17 @@ new rows, which become the dataset to tag without passing through it.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from mlray import storage
-from mlray.manifest import EMBEDDING_KEY, LABELS_KEY, manifest_files
+from mlray.io import storage
+from mlray.io.tagged import OutFiles, write_part
 
 ROWS_PER_BUCKET = 1_000_000
 ROWS_PER_READ_TASK = 2_000_000
-
-
-@dataclass
-class OutFiles:
-    """OUT's parts as their footers describe them (no row is read)."""
-
-    files: list[str]
-    rows: list[int]
-    models: set[str]
-    vocabs: dict[str, str]  # a file per distinct label vocabulary (JSON), to name it in errors
-    embeddings: set[bool] = field(default_factory=set)  # whether parts carry an embedding column
-    embedding_infos: dict[str, str] = field(default_factory=dict)  # what made them (JSON) -> a file of it
-
-    @property
-    def total(self) -> int:
-        return sum(self.rows)
-
-
-def _footer(uri: str) -> tuple[int, set[str], str | None, str | None]:
-    fs, path = storage.resolve(uri)
-
-    def read():
-        with fs.open_input_file(path) as f:
-            return pq.ParquetFile(f).metadata
-
-    meta = storage.retrying(read, uri)
-    vocab = (meta.metadata or {}).get(LABELS_KEY)
-    models: set[str] = set()
-    names = meta.schema.names
-    if "model" in names:
-        j = names.index("model")
-        for g in range(meta.num_row_groups):
-            st = meta.row_group(g).column(j).statistics
-            if st is None or not st.has_min_max:
-                models.add("?")  # no statistics: read the column below
-            else:
-                models.update({st.min if isinstance(st.min, str) else st.min.decode(),
-                               st.max if isinstance(st.max, str) else st.max.decode()})
-    if "?" in models:
-        models = set(pc.unique(pq.read_table(path, filesystem=fs, columns=["model"]).column("model")).to_pylist())
-    embedding = None
-    if "embedding" in meta.schema.to_arrow_schema().names:
-        embedding = ((meta.metadata or {}).get(EMBEDDING_KEY) or b"{}").decode()
-    return meta.num_rows, models, vocab.decode() if vocab else None, embedding
-
-
-def out_files(out: str) -> OutFiles:
-    """The parts of OUT and what made them, from their footers only."""
-    if not storage.exists(out):
-        return OutFiles([], [], set(), {})
-    if not storage.is_dir(out):
-        raise storage.StorageError(f"--out {out} is a file; OUT is a directory (or prefix) of Parquet parts")
-    files = storage.list_files(out, (".parquet",))
-    with ThreadPoolExecutor(16) as pool:
-        footers = list(pool.map(_footer, files))
-    models: set[str] = set()
-    vocabs: dict[str, str] = {}
-    infos: dict[str, str] = {}
-    for f, (_, m, v, e) in zip(files, footers):
-        models |= m
-        if v is not None:
-            vocabs.setdefault(v, f)
-        if e is not None:
-            infos.setdefault(e, f)
-    return OutFiles(files, [r for r, *_ in footers], models, vocabs, {e is not None for *_, e in footers}, infos)
 
 
 def _bucket_of(ids: pa.Array, n: int) -> np.ndarray:
@@ -112,8 +45,7 @@ def _read_out_ids(files: list[str], first_index: int, n: int) -> list[pa.Table]:
     """OUT's ids of some parts, split into ``n`` buckets: ``image_id, file, bad, missing``."""
     tables = []
     for k, uri in enumerate(files):
-        fs, path = storage.resolve(uri)
-        t = storage.retrying(lambda: pq.read_table(path, filesystem=fs, columns=["image_id", "error"]), uri)
+        t = storage.read_table(uri, columns=["image_id", "error"])
         err = t.column("error")
         tables.append(pa.table({
             "image_id": t.column("image_id"),
@@ -139,11 +71,7 @@ def _read_input_ids(source, columns: list[str], n: int) -> list[pa.Table]:
     if isinstance(source, pa.Table):
         table = source
     else:
-        parts = []
-        for uri in source:
-            fs, path = storage.resolve(uri)
-            parts.append(storage.retrying(lambda: pq.read_table(path, filesystem=fs, columns=columns), uri))
-        table = pa.concat_tables(parts)
+        table = pa.concat_tables([storage.read_table(uri, columns=columns) for uri in source])
     return _unwrap(_split(table, n))
 
 
@@ -262,13 +190,10 @@ def drop_rows(out: OutFiles, drop: dict[int, set[str]]) -> int:
     ids: the new part is written (atomically, named by its ids) before the old one
     is deleted, so a crash in between leaves a duplicate for the next run to
     repair, never a lost row. Returns the rows dropped."""
-    from mlray.tag import write_part
-
     dropped = 0
     for k, ids in sorted(drop.items()):
         uri = out.files[k]
-        fs, path = storage.resolve(uri)
-        t = storage.retrying(lambda: pq.read_table(path, filesystem=fs), uri)
+        t = storage.read_table(uri)
         keep = t.filter(pc.invert(pc.is_in(t.column("image_id"), value_set=pa.array(sorted(ids), pa.string()))))
         keep = _first_per_id(keep)
         dropped += t.num_rows - keep.num_rows
@@ -307,33 +232,3 @@ def choose_duplicates(out: OutFiles, records: list) -> dict[int, set[str]]:
             # a second row in the keeper's own part is deduplicated inside that part
             drop.setdefault(k, set()).update(() if k == keeper else (image_id,))
     return drop
-
-
-def embedding_parts(uri: str) -> tuple[OutFiles, dict]:
-    """The parts of a tag OUT written with ``--embeddings`` and what made their
-    embeddings (``model``, ``dim``, ``backbone_digest``). Refuses an OUT without
-    parts, with parts lacking embeddings, or with embeddings of two backbones."""
-    import json
-
-    state = out_files(uri)
-    if not state.files:
-        raise ValueError(f"{uri}: no Parquet parts; pass the --out of a `mlray tag --embeddings` run")
-    if False in state.embeddings:
-        raise ValueError(f"{uri}: parts without an embedding column; tag the images with --embeddings first")
-    infos = {k: json.loads(k) for k in state.embedding_infos}
-    digests = {i.get("backbone_digest") for i in infos.values()}
-    if len(digests) != 1 or None in digests:
-        named = "; ".join(f"{state.embedding_infos[k]}: {i}" for k, i in infos.items())
-        raise ValueError(f"{uri}: embeddings of more than one backbone, or of an unknown one ({named})")
-    return state, next(iter(infos.values()))
-
-
-def check_backbone(info: dict, digest: str, dim: int, source: str, model: str) -> None:
-    """Refuse to put ``model``'s head on embeddings another backbone made."""
-    if info.get("backbone_digest") != digest or int(info.get("dim", -1)) != dim:
-        raise ValueError(
-            f"{source} holds embeddings of backbone {info.get('backbone_digest')} (model {info.get('model')}, "
-            f"dim {info.get('dim')}); --model {model} has backbone {digest} (dim {dim}). Its head would score "
-            "features it never saw: use a run made from these embeddings (`mlray head`) or one with the same "
-            "backbone, or tag the images again with this model"
-        )

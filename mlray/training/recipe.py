@@ -1,17 +1,17 @@
-"""``mlray train``: Ray Data streams a manifest into Ray Train DDP fine-tuning.
+"""One training worker's recipe: the model, the epoch loop, validation and checkpoints.
 
-    mlray train --config jobs/configs/demo.yaml optim.epochs=3 scaling.num_workers=2
-
-Recipe (torchtune-style): ``setup`` builds the model, loss and optimiser from the
-config; ``train_epoch`` runs the steps; ``validate`` gathers scores from every
-worker and computes the metric set; ``save_checkpoint`` writes the Ray
-checkpoint (resume) and, on a new best val mAP, the run directory's model.
+torchtune-style: ``Recipe.setup`` builds the model, loss and optimiser from the
+config (restoring a checkpoint when given one); ``Recipe.train`` runs the epochs
+(``train_epoch``, ``validate``, ``epoch_record``, ``save_checkpoint``);
+``cleanup`` frees the device. It takes plain iterables of batches (dicts of
+``image`` uint8 NHWC or ``encoded`` bytes, ``target``, ``image_id``, ``error``)
+and a ``Dist`` for the collectives, so all of it runs and is tested without Ray;
+``mlray.training.trainer`` wires it to Ray Train.
 
 Workers get the same number of steps: Ray's equal split gives them the same
 number of rows, but not always the same number of batches (ray-project/ray
 #66085), so before each step the workers agree (an all-reduce of one flag) that
-all of them still have a batch. A worker that died is restarted by Ray Train
-from the last checkpoint (``run.max_failures``).
+all of them still have a batch.
 """
 
 from __future__ import annotations
@@ -23,200 +23,17 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
-from mlray import cache, rundir, storage
 from mlray.config import Config, training_facts
-from mlray.data import torch_collate
-from mlray.manifest import read_manifest
+from mlray.data import cache
+from mlray.model import rundir
 
 STATE_FILE = "train_state.pt"
-OPTIONAL_CHECKPOINT_FILES = (rundir.EMA_FILE,)
-
-
-def checkpoint_reader(checkpoint) -> Callable[[str], bytes | None]:
-    """``read(name)``: a file of a Ray Train checkpoint, read into memory straight from
-    where the checkpoint is stored (transient errors retried); ``None`` for an optional
-    file the checkpoint does not have.
-
-    Not ``Checkpoint.as_directory()``: it downloads into one temporary directory that
-    all workers on a machine share, and a worker that gets there after another's
-    download has finished downloads again over the files the other is reading (seen
-    as "safetensors ... header too small" on resume with two workers on a machine)."""
-    import pyarrow.fs as pafs
-
-    fs, base = checkpoint.filesystem, checkpoint.path.rstrip("/")
-
-    def read(name: str) -> bytes | None:
-        path = f"{base}/{name}"
-        what = f"checkpoint file {path}"
-        if name in OPTIONAL_CHECKPOINT_FILES:
-            info = storage.retrying(lambda: fs.get_file_info(path), what)
-            if info.type == pafs.FileType.NotFound:
-                return None
-        return storage.read_from(fs, path, what)
-
-    return read
-
-
-@dataclass
-class DatasetInfo:
-    vocab: list[str]
-    n_train: int
-    n_val: int
-    train_positives: list[int]
-
-
-def dataset_info(cfg: Config) -> DatasetInfo:
-    """Counts the driver needs before training: rows per split and label frequencies."""
-    from mlray.manifest import multi_hot
-
-    table, vocab = read_manifest(cfg.data.manifest)
-    if "split" not in table.column_names:
-        raise ValueError(f"{cfg.data.manifest}: no 'split' column; run `mlray prepare` with --split")
-    split = table.column("split")
-    train = table.filter(pc.equal(split, cfg.data.train_split))
-    n_val = int(pc.sum(pc.equal(split, cfg.data.val_split)).as_py() or 0)
-    if train.num_rows == 0:
-        raise ValueError(f"{cfg.data.manifest}: no rows with split={cfg.data.train_split!r} (data.train_split)")
-    if n_val == 0:
-        raise ValueError(f"{cfg.data.manifest}: no rows with split={cfg.data.val_split!r} (data.val_split)")
-    positives = multi_hot(train.column("labels"), vocab).sum(axis=0)
-    return DatasetInfo(vocab, train.num_rows, n_val, [int(p) for p in positives])
-
-
-# ---------------------------------------------------------------------------- driver
-
-
-@dataclass
-class TrainResult:
-    run_dir: str
-    best: dict
-    history: list[dict] = field(default_factory=list)
-
-
-class _IngestConfig:
-    """Train is split equally (DDP steps in lockstep); validation is split
-    unequally so no row is dropped (validation runs without collectives)."""
-
-    def __new__(cls):
-        from ray.train import DataConfig
-
-        class IngestConfig(DataConfig):
-            def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-                out = [{} for _ in range(world_size)]
-                for name, ds in datasets.items():
-                    ds = ds.copy(ds)
-                    ds.context.execution_options = self._resolve_execution_options(name)
-                    for i, it in enumerate(ds.streaming_split(world_size, equal=(name == "train"), locality_hints=worker_node_ids)):
-                        out[i][name] = it
-                return out
-
-        return IngestConfig()
-
-
-def _has_checkpoint(directory: str) -> bool:
-    if not storage.exists(directory):
-        return False
-    fs, path = storage.resolve(directory)
-    import pyarrow.fs as pafs
-
-    return any(
-        i.type == pafs.FileType.Directory and os.path.basename(i.path).startswith("checkpoint_")
-        for i in fs.get_file_info(pafs.FileSelector(path))
-    )
-
-
-def resolve_paths(cfg: Config) -> Config:
-    """Local paths made absolute on the driver: workers run in other directories."""
-    def absolute(uri: str) -> str:
-        return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
-
-    return cfg.model_copy(update={
-        "data": cfg.data.model_copy(update={"manifest": absolute(cfg.data.manifest)}),
-        "run": cfg.run.model_copy(update={"storage_path": absolute(cfg.run.storage_path)}),
-    })
-
-
-def train(cfg: Config, *, resume: bool = False) -> TrainResult:
-    """Run (or resume) training; returns the run directory and its best epoch."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from mlray.data import image_dataset
-    from mlray.runtime import init_ray, worker_runtime_env
-    from mlray.shuffle import local_buffer_rows
-
-    cfg = resolve_paths(cfg)
-    directory = rundir.run_dir(cfg)
-    if _has_checkpoint(directory) and not resume:
-        raise ValueError(
-            f"run {directory} already has checkpoints: pass --resume to continue it, or choose a new run.name"
-        )
-    if resume and not _has_checkpoint(directory):
-        raise ValueError(f"--resume: {directory} has no checkpoint to resume from")
-    info = dataset_info(cfg)
-    per_step = cfg.data.batch_size * cfg.scaling.num_workers
-    if info.n_train < per_step:
-        raise ValueError(
-            f"{info.n_train} training images are fewer than one step (data.batch_size {cfg.data.batch_size} x "
-            f"scaling.num_workers {cfg.scaling.num_workers}); lower them"
-        )
-    init_ray(training=True)
-    rundir.write_run_files(directory, cfg, info.vocab, info.train_positives, info.n_train)
-    from mlray.device_decode import resolve_mode
-
-    common = dict(
-        size=cfg.data.image_size, vocab=info.vocab, decode_batch_size=cfg.data.decode_batch_size,
-        fetch_concurrency=cfg.data.fetch_concurrency, decode_num_cpus=cfg.data.decode_cpus,
-        decode=resolve_mode(cfg.data.decode, 1 if cfg.scaling.use_gpu else 0, "train"),
-    )
-    datasets = {
-        "train": image_dataset(cfg.data.manifest, cfg.data.train_split, shuffle=True, seed=cfg.optim.seed, **common),
-        "val": image_dataset(cfg.data.manifest, cfg.data.val_split, shuffle=False, **common),
-    }
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker
-    fs, path = storage.resolve(cfg.run.storage_path)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"), "vocab": info.vocab, "positives": info.train_positives,
-            "n_train": info.n_train, "n_val": info.n_val, "run_dir": directory,
-            "shuffle_buffer_rows": local_buffer_rows(cfg.data.manifest, cfg.data.image_size, cfg.data.shuffle_buffer_mb),
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources,
-            placement_strategy=cfg.scaling.placement_strategy,
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=path, storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val_mAP", checkpoint_score_order="max"
-            ),
-            # mlray prints its own line per epoch; Ray's per-report INFO lines repeat it.
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            worker_runtime_env=worker_runtime_env(),
-        ),
-        datasets=datasets,
-        dataset_config=_IngestConfig(),
-    )
-    trainer.fit()
-    best_uri = storage.join(directory, rundir.BEST)
-    import json
-
-    best = json.loads(storage.read_text(best_uri)) if storage.exists(best_uri) else {}
-    return TrainResult(directory, best, rundir.read_history(directory))
-
-
-# ---------------------------------------------------------------------------- worker
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -242,8 +59,8 @@ class _State:
     history: list = field(default_factory=list)
 
 
-class _Dist:
-    """The few collectives the loop needs; no-ops on one worker."""
+class Dist:
+    """The few collectives the loop needs; no-ops on one worker (``world`` 1)."""
 
     def __init__(self, world: int, device: torch.device):
         self.world, self.device = world, device
@@ -285,7 +102,7 @@ def _good_rows(batch: dict, ok: np.ndarray | None) -> tuple[torch.Tensor, torch.
     return batch["image"][keep.to(batch["image"].device)], batch["target"][keep.to(batch["target"].device)]
 
 
-def _batches(source, dist: _Dist, skipped_errors: list, *, batch_size: int, decoded=lambda b: b):
+def _batches(source, dist: Dist, skipped_errors: list, *, batch_size: int, decoded=lambda b: b):
     """Yield full batches of ``source`` (``batch_size`` rows, the last may be short)
     while *every* worker still has one.
 
@@ -305,7 +122,7 @@ def _batches(source, dist: _Dist, skipped_errors: list, *, batch_size: int, deco
         yield batch
 
 
-def _commit_caches(caches: list, dist: _Dist, rank: int, limit: int, disk_limit: int, epoch: int) -> None:
+def _commit_caches(caches: list, dist: Dist, rank: int, limit: int, disk_limit: int, epoch: int) -> None:
     """After the first recorded epoch: replay only if every worker kept all its rows (in memory or on disk)."""
     everyone = dist.all_have(all(c.complete for c in caches))
     for c in caches:
@@ -367,13 +184,13 @@ class Recipe:
     ``epoch_record``, ``save_checkpoint``; ``cleanup`` at the end.
 
     It takes plain iterables of batches (dicts of ``image`` uint8 NHWC, ``target``,
-    ``image_id`` and ``error``) and a ``_Dist`` for the collectives, so the steps
+    ``image_id`` and ``error``) and a ``Dist`` for the collectives, so the steps
     run and are tested without Ray; ``train_loop_per_worker`` wires it to Ray Train.
     """
 
     def __init__(self, cfg: Config, vocab: list[str], positives: list[int], n_train: int, *,
-                 device: torch.device, dist: "_Dist", rank: int = 0):
-        from mlray.models import amp_dtype
+                 device: torch.device, dist: "Dist", rank: int = 0):
+        from mlray.model.factory import amp_dtype
 
         self.cfg, self.vocab, self.positives, self.n_train = cfg, vocab, positives, n_train
         self.device, self.dist, self.rank = device, dist, rank
@@ -396,7 +213,7 @@ class Recipe:
         if "encoded" not in batch:
             return batch
         if self.decoder is None:
-            from mlray.device_decode import Decoder
+            from mlray.model.device_decode import Decoder
 
             threads = 4 if self.device.type == "cuda" else max(1, torch.get_num_threads())
             self.decoder = Decoder(self.cfg.data.image_size, self.device, threads=threads)
@@ -407,8 +224,8 @@ class Recipe:
     # ---- setup
     def setup(self, checkpoint: Callable[[str], bytes | None] | None = None) -> None:
         """Model, loss and optimiser; restored from ``checkpoint`` (a ``checkpoint_reader``) when given."""
-        from mlray.losses import create_loss
-        from mlray.models import create_model, init_head, normalization, param_groups
+        from mlray.training.losses import create_loss
+        from mlray.model.factory import create_model, init_head, normalization, param_groups
 
         cfg = self.cfg
         torch.manual_seed(cfg.optim.seed * 1000 + self.rank)
@@ -456,7 +273,7 @@ class Recipe:
             g["lr"] = cfg.optim.lr * g.get("lr_scale", 1.0) * f
 
     def _enter_phase(self, epoch: int) -> None:
-        from mlray.models import set_trainable
+        from mlray.model.factory import set_trainable
 
         want = "head" if epoch < self.cfg.optim.freeze_epochs else (self.cfg.optim.unfreeze_stages or "all")
         if want != self.phase:
@@ -493,8 +310,8 @@ class Recipe:
         accumulation group at the end is dropped (its gradient zeroed): the LR
         schedule counts whole groups, and an unsynchronised DDP gradient must not
         be stepped or carried into the next epoch."""
-        from mlray.augment import preprocess, to_device
-        from mlray.models import freeze_norm_stats
+        from mlray.model.augment import preprocess, to_device
+        from mlray.model.factory import freeze_norm_stats
 
         cfg, accumulate = self.cfg, self.cfg.optim.accumulate
         self._enter_phase(epoch)
@@ -543,7 +360,7 @@ class Recipe:
 
     def validate(self, batches) -> ValResult:
         """Scores of this worker's validation rows (no collectives: shards may differ in size)."""
-        from mlray.augment import preprocess
+        from mlray.model.augment import preprocess
 
         model = self.eval_model()
         model.eval()
@@ -574,8 +391,7 @@ class Recipe:
         """Gather every worker's epoch (the collectives of an epoch live here) and
         compute the metric set, thresholds and collapse check. Returns
         (record, policy, tuned metrics, collapse report, all bad rows)."""
-        from mlray.metrics import collapse_report, multilabel_metrics
-        from mlray.thresholds import tune
+        from mlray.evaluation.validation import tune_and_judge
 
         cfg, dist = self.cfg, self.dist
         total_seen, total_loss, total_bad = dist.sum([st.seen, st.loss_sum, len(st.bad)])
@@ -591,26 +407,13 @@ class Recipe:
                 f"{len(all_bad)} images could not be decoded in epoch {epoch + 1}, more than "
                 f"data.max_error_fraction={cfg.data.max_error_fraction} of {n_seen_all}:\n  {listing}"
             )
-        policy = tune(val_scores, val_targets, cfg.thresholds, prior=self.prior)
-        m = multilabel_metrics(val_scores, val_targets, 0.5, prior=self.prior)
-        pred = policy.predict(val_scores)
-        tuned = multilabel_metrics(val_scores, val_targets, policy.thresholds, prior=self.prior, predictions=pred)
+        judged = tune_and_judge(val_scores, val_targets, cfg.thresholds, self.prior)
         record = {
             "epoch": epoch + 1,
             "phase": str(self.phase),
             "train_loss": total_loss / max(total_seen, 1),
             "val_loss": val_loss,
-            "val_mAP": m["mAP"],
-            "val_micro_AP": m["micro_AP"],
-            "val_f1_micro@0.5": m["f1_micro"],
-            "val_f1_macro@0.5": m["f1_macro"],
-            "val_hamming_loss@0.5": m["hamming_loss"],
-            "val_f1_micro": tuned["f1_micro"],
-            "val_f1_macro": tuned["f1_macro"],
-            "val_hamming_loss": tuned["hamming_loss"],
-            "val_subset_accuracy": tuned["subset_accuracy"],
-            "val_pred_per_image": tuned["pred_per_image"],
-            "prior_mAP": m["prior.mAP"],
+            **judged.record(),
             "images_per_s": total_seen / max(st.seconds, 1e-9),
             # the share of the epoch spent waiting for input: near 0 means compute-bound
             "input_wait": st.wait / max(st.seconds, 1e-9),
@@ -622,12 +425,9 @@ class Recipe:
             "workers": dist.world,
             "lr": self.optimizer.param_groups[-1]["lr"],
         }
-        collapse = collapse_report(
-            tuned, val_scores, policy.thresholds, self.vocab, val_targets, predictions=pred,
-            history=[*self.state.history, record], settings=training_facts(cfg),
-        )
+        collapse = judged.collapse(self.vocab, [*self.state.history, record], training_facts(cfg))
         record["collapsed"] = collapse["collapsed"]
-        return record, policy, tuned, collapse, all_bad
+        return record, judged.policy, judged.metrics, collapse, all_bad
 
     def finish_epoch(self, record: dict) -> tuple[bool, bool]:
         """Book-keeping after validation: (improved, stop early)."""
@@ -642,21 +442,79 @@ class Recipe:
         patience = self.cfg.optim.early_stop_patience
         return improved, patience is not None and st.bad_epochs >= patience
 
+    # ---- train: the epoch loop
+    def train(self, train_batches: Callable[[], Iterable[dict]], val_batches: Callable[[], Iterable[dict]], *,
+              run_dir: str, report: Callable[[dict, str | None], None], workers_on_node: int = 1,
+              record_extra: dict | None = None) -> None:
+        """Every epoch left (from ``state.epoch``): train, validate, record, checkpoint.
+
+        ``train_batches()`` / ``val_batches()`` give this worker's stream of one
+        epoch (called for the epochs that stream; later epochs replay the rows the
+        first one streamed, ``mlray.data.cache``). ``report(metrics, directory)`` is
+        called once an epoch on every worker (they must all report as often); rank 0
+        passes the directory of the resumable checkpoint, valid during the call.
+        ``record_extra`` is added to every history record (e.g. ``nodes``)."""
+        from mlray.evaluation.metrics import format_collapse
+
+        cfg, dist, rank, bs = self.cfg, self.dist, self.rank, self.cfg.data.batch_size
+        # The first epoch this process runs records its rows (unless it is the last); then the workers agree, once.
+        later = self.state.epoch + 1 < cfg.optim.epochs
+        limit = cache.limit_bytes(cfg.data.cache_mb, workers_on_node) if later else 0
+        spill_dir = cache.cache_directory(cfg.data.cache_dir) if later else None
+        disk_limit = cache.disk_limit_bytes(cfg.data.cache_disk_mb, spill_dir, workers_on_node) if later else 0
+        train_cache = cache.EpochCache(limit, disk_limit=disk_limit, directory=spill_dir, seed=cfg.optim.seed, rank=rank)
+        val_cache = cache.EpochCache(limit, disk_limit=disk_limit, directory=spill_dir, rank=rank)
+        to_commit = limit > 0 or disk_limit > 0
+        for epoch in range(self.state.epoch, cfg.optim.epochs):
+            skipped: list = []
+            replay = train_cache.ready
+            train_source = train_cache.replay(epoch, bs) if replay else train_cache.record(train_batches())
+            stats = self.train_epoch(epoch, _batches(train_source, dist, skipped, batch_size=bs, decoded=self.decoded))
+            stats.bad += skipped
+            val_cache.limit = limit - train_cache.nbytes  # one budget for both splits, in memory and on disk
+            val_cache.disk_limit = disk_limit - train_cache.disk_bytes
+            val = self.validate(val_cache.replay(None, bs) if replay else val_cache.record(val_batches()))
+            record, policy, tuned, collapse, all_bad = self.epoch_record(epoch, stats, val)
+            record.update(record_extra or {})
+            spilled = replay and train_cache.disk_bytes + val_cache.disk_bytes > 0
+            record["input_from_memory"] = replay and not spilled
+            record["input_from_disk"] = spilled
+            improved, stop = self.finish_epoch(record)
+            if rank == 0:
+                _say(
+                    f"epoch {epoch + 1}/{cfg.optim.epochs} loss {record['train_loss']:.4f} "
+                    f"val_loss {record['val_loss']:.4f} val mAP {record['val_mAP']:.4f} (prior {record['prior_mAP']:.4f}) "
+                    f"F1 micro {record['val_f1_micro']:.4f} @tuned / {record['val_f1_micro@0.5']:.4f} @0.5 "
+                    f"{record['images_per_s']:.1f} img/s (input wait {record['input_wait']:.0%}, "
+                    f"{record['first_batch_s']:.1f} s of it before the first batch"
+                    + ((", images from local disk)" if spilled else ", images from memory)") if replay else ")")
+                    + (" *best*" if improved else "")
+                )
+                if collapse["collapsed"]:
+                    _say(format_collapse(collapse))
+                for i, e in all_bad[:10]:
+                    _say(f"decode error {i}: {e}")
+            if to_commit:  # after the epoch's line, which it follows in the log
+                to_commit = False
+                _commit_caches([train_cache, val_cache], dist, rank, limit, disk_limit, epoch)
+            metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    self.save_checkpoint(run_dir, tmp, record, policy, tuned, improved)
+                report(metrics, tmp if rank == 0 else None)
+            if stop:
+                if rank == 0:
+                    _say(f"early stop: no val mAP gain for {self.state.bad_epochs} epochs")
+                break
+
     # ---- save_checkpoint
     def save_checkpoint(self, directory: str, tmp: str, record: dict, policy, tuned: dict, improved: bool) -> None:
         """Rank 0: the run directory (history; weights, thresholds and best.json on a
         new best) and the resumable checkpoint files in ``tmp``."""
-        import json
-
         cfg = self.cfg
         rundir.write_history(directory, self.state.history)
         if improved:
-            rundir.save_weights(storage.join(directory, rundir.WEIGHTS), self.eval_model().state_dict())
-            storage.write_text(storage.join(directory, rundir.THRESHOLDS), policy.to_json())
-            storage.write_text(
-                storage.join(directory, rundir.BEST),
-                json.dumps({"epoch": record["epoch"], "val": dict(tuned), "record": record}, indent=1),
-            )
+            rundir.write_best(directory, self.eval_model().state_dict(), policy, record["epoch"], tuned, record)
         with open(os.path.join(tmp, rundir.WEIGHTS), "wb") as f:
             f.write(rundir.weights_bytes(self.model.state_dict()))
         if self.ema is not None:
@@ -677,90 +535,3 @@ class Recipe:
         self.ddp = self.forward_model = self.model = self.optimizer = self.ema = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def train_loop_per_worker(loop_cfg: dict) -> None:
-    """Runs inside each Ray Train worker: the recipe, fed by this worker's shards."""
-    import ray
-    import ray.train
-    import ray.train.torch
-
-    from mlray.metrics import format_collapse
-    from mlray.runtime import quiet_train_reports
-
-    quiet_train_reports()  # one line per epoch is ours; no echo of each report
-    cfg = Config.model_validate(loop_cfg["config"])
-    directory = loop_cfg["run_dir"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
-    dist = _Dist(world, device)
-    nodes = len(set(dist.gather(ray.get_runtime_context().get_node_id())))
-    recipe = Recipe(cfg, loop_cfg["vocab"], loop_cfg["positives"], loop_cfg["n_train"], device=device,
-                    dist=dist, rank=rank)
-    checkpoint = ray.train.get_checkpoint()
-    recipe.setup(checkpoint_reader(checkpoint) if checkpoint else None)
-    if checkpoint and rank == 0:
-        _say(f"resumed from checkpoint at epoch {recipe.state.epoch} (step {recipe.state.step})")
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    bs = cfg.data.batch_size
-    # The first epoch this process runs records its rows (unless it is the last); then the workers agree, once.
-    later = recipe.state.epoch + 1 < cfg.optim.epochs
-    local = ctx.get_local_world_size()
-    limit = cache.limit_bytes(cfg.data.cache_mb, local) if later else 0
-    spill_dir = cache.cache_directory(cfg.data.cache_dir) if later else None
-    disk_limit = cache.disk_limit_bytes(cfg.data.cache_disk_mb, spill_dir, local) if later else 0
-    train_cache = cache.EpochCache(limit, disk_limit=disk_limit, directory=spill_dir, seed=cfg.optim.seed, rank=rank)
-    val_cache = cache.EpochCache(limit, disk_limit=disk_limit, directory=spill_dir, rank=rank)
-    to_commit = limit > 0 or disk_limit > 0
-    for epoch in range(recipe.state.epoch, cfg.optim.epochs):
-        skipped: list = []
-        replay = train_cache.ready
-        train_source = train_cache.replay(epoch, bs) if replay else train_cache.record(train_shard.iter_torch_batches(
-            collate_fn=torch_collate(), batch_size=bs, drop_last=False, prefetch_batches=cfg.data.prefetch_batches,
-            local_shuffle_buffer_size=loop_cfg["shuffle_buffer_rows"],
-        ))
-        stats = recipe.train_epoch(epoch, _batches(train_source, dist, skipped, batch_size=bs, decoded=recipe.decoded))
-        stats.bad += skipped
-        val_cache.limit = limit - train_cache.nbytes  # one budget for both splits, in memory and on disk
-        val_cache.disk_limit = disk_limit - train_cache.disk_bytes
-        val = recipe.validate(val_cache.replay(None, bs) if replay else val_cache.record(
-            val_shard.iter_torch_batches(batch_size=bs, prefetch_batches=2, collate_fn=torch_collate())
-        ))
-        record, policy, tuned, collapse, all_bad = recipe.epoch_record(epoch, stats, val)
-        record["nodes"] = nodes
-        spilled = replay and train_cache.disk_bytes + val_cache.disk_bytes > 0
-        record["input_from_memory"] = replay and not spilled
-        record["input_from_disk"] = spilled
-        improved, stop = recipe.finish_epoch(record)
-        if rank == 0:
-            _say(
-                f"epoch {epoch + 1}/{cfg.optim.epochs} loss {record['train_loss']:.4f} "
-                f"val_loss {record['val_loss']:.4f} val mAP {record['val_mAP']:.4f} (prior {record['prior_mAP']:.4f}) "
-                f"F1 micro {record['val_f1_micro']:.4f} @tuned / {record['val_f1_micro@0.5']:.4f} @0.5 "
-                f"{record['images_per_s']:.1f} img/s (input wait {record['input_wait']:.0%}, "
-                f"{record['first_batch_s']:.1f} s of it before the first batch"
-                + ((", images from local disk)" if spilled else ", images from memory)") if replay else ")")
-                + (" *best*" if improved else "")
-            )
-            if collapse["collapsed"]:
-                _say(format_collapse(collapse))
-            for i, e in all_bad[:10]:
-                _say(f"decode error {i}: {e}")
-        if to_commit:  # after the epoch's line, which it follows in the log
-            to_commit = False
-            _commit_caches([train_cache, val_cache], dist, rank, limit, disk_limit, epoch)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                recipe.save_checkpoint(directory, tmp, record, policy, tuned, improved)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))}, checkpoint=ckpt)
-        if stop:
-            if rank == 0:
-                _say(f"early stop: no val mAP gain for {recipe.state.bad_epochs} epochs")
-            break
-    recipe.cleanup()

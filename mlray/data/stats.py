@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from mlray.manifest import SPLITS, multi_hot
+from mlray.io.manifest import SPLITS, multi_hot
 
 
 def manifest_stats(table: pa.Table, vocab: Sequence[str]) -> dict:

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from mlray import storage
-from mlray.manifest import SPLITS, ManifestWriter, build_table, storage_order
-from mlray.sources import Source, SourceError, load_source
-from mlray.splits import iterative_split, parse_ratios
-from mlray.stats import manifest_stats
+from mlray.io import storage
+from mlray.io.manifest import SPLITS, ManifestWriter, build_table, storage_order
+from mlray.data.sources import Source, SourceError, load_source
+from mlray.data.splits import iterative_split, parse_ratios
+from mlray.data.stats import manifest_stats
 
 CHUNK = 512  # images fetched per round; bounds memory while packing
 PACK_CACHE_BYTES = 1 << 30  # keep bytes from the hashing pass up to this, else read again

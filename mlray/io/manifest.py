@@ -17,10 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mlray import storage
+from mlray.io import storage
 
 LABELS_KEY = b"mlray.labels"
-EMBEDDING_KEY = b"mlray.embedding"  # tag outputs: what made the embedding column (model, dim, backbone_digest)
 # "random": rows of each split are stored in a seeded random order (``mlray prepare``
 # writes them so). Absent in manifests written in source order, e.g. by older versions.
 ROW_ORDER_KEY = b"mlray.row_order"
@@ -32,7 +31,7 @@ STATS_FILE = "_stats.json"
 
 # Row groups of several MB: large GETs from object storage, and small enough that
 # the training stream can read them as shuffle units in a fresh random order each
-# epoch with little memory (``mlray.shuffle``).
+# epoch with little memory (``mlray.data.shuffle``).
 PACKED_ROW_GROUP_BYTES = 8 << 20
 PACKED_FILE_BYTES = 256 << 20
 UNPACKED_ROWS_PER_FILE = 1_000_000
@@ -53,10 +52,18 @@ def schema_with_vocab(schema: pa.Schema, vocab: Sequence[str], row_order: str | 
 
 def read_row_order(uri: str) -> str | None:
     """``"random"`` when the manifest's rows are stored shuffled within each split; None otherwise."""
-    first = manifest_files(uri)[0]
-    fs, path = storage.resolve(first)
-    raw = (pq.read_schema(path, filesystem=fs).metadata or {}).get(ROW_ORDER_KEY)
+    raw = (first_schema(uri).metadata or {}).get(ROW_ORDER_KEY)
     return raw.decode() if raw else None
+
+
+def first_schema(uri: str) -> pa.Schema:
+    """The schema of a manifest's (or a tag OUT's) first part: its columns and metadata."""
+    return storage.read_schema(manifest_files(uri)[0])
+
+
+def is_packed(uri: str) -> bool:
+    """Whether the manifest carries its images' bytes (an ``image`` column)."""
+    return "image" in first_schema(uri).names
 
 
 def vocab_from_schema(schema: pa.Schema, source: str) -> list[str]:
@@ -80,9 +87,7 @@ def manifest_files(uri: str) -> list[str]:
 
 
 def read_vocab(uri: str) -> list[str]:
-    first = manifest_files(uri)[0]
-    fs, path = storage.resolve(first)
-    return vocab_from_schema(pq.read_schema(path, filesystem=fs), first)
+    return vocab_from_schema(first_schema(uri), uri)
 
 
 def build_table(
@@ -286,11 +291,10 @@ def read_manifest(uri: str, *, with_images: bool = False, check: bool = True) ->
     vocab = read_vocab(uri)
     tables = []
     for f in files:
-        fs, path = storage.resolve(f)
         try:
-            names = pq.read_schema(path, filesystem=fs).names
+            names = storage.read_schema(f).names
             cols = names if with_images else [c for c in names if c != "image"]
-            t = pq.read_table(path, filesystem=fs, columns=cols)
+            t = storage.read_table(f, columns=cols)
         except (OSError, pa.ArrowInvalid) as e:
             raise ManifestError(f"{f}: not a readable Parquet file: {e}") from e
         tables.append(t.replace_schema_metadata(None))

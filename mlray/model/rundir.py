@@ -21,9 +21,9 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mlray import storage
+from mlray.io import storage
 from mlray.config import Config, build_config
-from mlray.thresholds import ThresholdPolicy
+from mlray.model.thresholds import ThresholdPolicy
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written: checking a run needs none of it
     import torch
@@ -94,6 +94,22 @@ def write_run_files(directory: str, cfg: Config, vocab: list[str], positives: li
     storage.write_text(storage.join(directory, LABELS), labels_doc(vocab, positives, n_train))
 
 
+def write_best(directory: str, state_dict: dict[str, torch.Tensor], policy: ThresholdPolicy, epoch: int,
+               val: dict, record: dict) -> None:
+    """A new best model: its weights, the thresholds tuned for them, and ``best.json``
+    (which epoch, its val metrics at those thresholds, its history record)."""
+    save_weights(storage.join(directory, WEIGHTS), state_dict)
+    storage.write_text(storage.join(directory, THRESHOLDS), policy.to_json())
+    storage.write_text(storage.join(directory, BEST),
+                       json.dumps({"epoch": epoch, "val": dict(val), "record": record}, indent=1))
+
+
+def read_best(directory: str) -> dict:
+    """``best.json`` of a run ({} before its first epoch ended)."""
+    uri = storage.join(directory, BEST)
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
+
+
 def write_history(directory: str, history: list[dict]) -> None:
     storage.write_text(storage.join(directory, HISTORY), "".join(json.dumps(h) + "\n" for h in history))
 
@@ -142,6 +158,4 @@ def load_artifacts(directory: str) -> RunArtifacts:
     policy = (
         ThresholdPolicy.from_json(storage.read_text(th_uri)) if storage.exists(th_uri) else ThresholdPolicy.fixed(len(vocab))
     )
-    best_uri = storage.join(directory, BEST)
-    best = json.loads(storage.read_text(best_uri)) if storage.exists(best_uri) else {}
-    return RunArtifacts(directory, cfg, vocab, labels["train_positives"], labels["n_train"], policy, best)
+    return RunArtifacts(directory, cfg, vocab, labels["train_positives"], labels["n_train"], policy, read_best(directory))

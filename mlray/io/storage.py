@@ -31,7 +31,9 @@ from collections.abc import Iterator
 from functools import lru_cache
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 # The S3 settings that may travel to Ray workers in the clear. Keys and session
 # tokens never do: Ray logs a runtime_env in full (runtime_env_agent.log), so
@@ -241,6 +243,18 @@ def fetch_many(uris: list[str], concurrency: int = 16) -> list[bytes | StorageEr
         return [_read_or_error(u) for u in uris]
     with concurrent.futures.ThreadPoolExecutor(min(concurrency, len(uris))) as pool:
         return list(pool.map(_read_or_error, uris))
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file's rows (``columns`` only, when given); transient errors retried."""
+    fs, path = resolve(uri)
+    return retrying(lambda: pq.read_table(path, filesystem=fs, columns=columns), uri)
+
+
+def read_schema(uri: str) -> pa.Schema:
+    """One Parquet file's schema (with its metadata), from the footer alone."""
+    fs, path = resolve(uri)
+    return retrying(lambda: pq.read_schema(path, filesystem=fs), uri)
 
 
 def read_text(uri: str) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlray import storage
+from mlray.io import storage
 
 FILENAME_COLUMNS = ("filename", "file_name", "file", "image", "image_id", "path", "id", "name", "img")
 LABEL_LIST_COLUMNS = ("labels", "label", "tags", "categories", "classes")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -42,11 +42,7 @@ class ThresholdPolicy:
         """Boolean (N, C) label sets for scores (N, C)."""
         scores = np.asarray(scores)
         if self.strategy == "top_k":
-            k = min(self.top_k, scores.shape[1])
-            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            pred = np.zeros(scores.shape, dtype=bool)
-            np.put_along_axis(pred, top, True, axis=1)
-            return pred
+            return top_k_mask(scores, self.top_k)
         pred = scores >= np.asarray(self.thresholds)[None, :]
         if self.at_least_one and scores.shape[1]:
             empty = ~pred.any(axis=1)
@@ -63,6 +59,23 @@ class ThresholdPolicy:
     @classmethod
     def fixed(cls, n_labels: int, threshold: float = 0.5, at_least_one: bool = False) -> "ThresholdPolicy":
         return cls("global", [threshold] * n_labels, threshold, at_least_one=at_least_one, support=[0] * n_labels)
+
+    def override(self, *, threshold: float | None = None, top_k: int | None = None) -> "ThresholdPolicy":
+        """This policy, or the one a user asked for instead (``tag --top-k`` / ``--threshold``)."""
+        if top_k is not None:
+            return replace(self, strategy="top_k", top_k=top_k)
+        if threshold is not None:
+            return ThresholdPolicy.fixed(len(self.thresholds), threshold, at_least_one=False)
+        return self
+
+
+def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """Boolean (N, C): each row's ``k`` highest scores."""
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    pred = np.zeros(scores.shape, dtype=bool)
+    np.put_along_axis(pred, top, True, axis=1)
+    return pred
 
 
 def best_global_threshold(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -135,30 +148,3 @@ def tune(
         strategy=cfg.strategy, thresholds=[float(v) for v in t], global_threshold=g, top_k=cfg.top_k,
         at_least_one=cfg.at_least_one, support=[int(v) for v in support],
     )
-
-
-def compare_strategies(
-    val_scores: np.ndarray, val_targets: np.ndarray, test_scores: np.ndarray, test_targets: np.ndarray,
-    cfg: ThresholdConfig, strategies: Sequence[str] = ("global", "per_label", "top_k"),
-    prior: Sequence[float] | None = None,
-) -> dict[str, dict[str, float]]:
-    """Tune each strategy on validation and score it on held-out data: how the
-    default strategy is picked by measurement rather than by assumption."""
-    from mlray.metrics import threshold_metrics
-
-    out = {}
-    variants = [(name, one, cfg.every_label) for name in strategies for one in (False, True)
-                if not (name == "top_k" and one)]
-    variants.append(("global", True, not cfg.every_label))
-    for name, at_least_one, every in variants:
-        pol = tune(val_scores, val_targets,
-                   cfg.model_copy(update={"strategy": name, "at_least_one": at_least_one, "every_label": every}), prior)
-        pred = pol.predict(test_scores)
-        m = threshold_metrics(pred, test_targets)
-        m["images_without_prediction"] = float((pred.sum(axis=1) == 0).mean())
-        m["labels_never_predicted"] = int(((pred.sum(axis=0) == 0) & (np.asarray(test_targets).sum(axis=0) > 0)).sum())
-        key = name + ("+at_least_one" if at_least_one else "")
-        if name != "top_k" and every != cfg.every_label:
-            key += "+every_label" if every else " (every_label off)"
-        out[key] = m
-    return out

@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 
-from mlray import storage
+from mlray.io import storage
 
 
 def _step(n: int, text: str) -> float:
@@ -27,12 +27,12 @@ def _step(n: int, text: str) -> float:
 
 def run_demo(config: str, out: str, *, images: int = 1500, epochs: int | None = None) -> dict:
     from mlray.config import load_config
-    from mlray.datasets import mnist_mosaics
-    from mlray.prepare import prepare
-    from mlray.report import evaluate, format_summary
-    from mlray.stats import format_stats
-    from mlray.tag import TagOptions, tag
-    from mlray.train import train
+    from mlray.demo.datasets import mnist_mosaics
+    from mlray.data.prepare import prepare
+    from mlray.evaluation.report import evaluate, format_summary
+    from mlray.data.stats import format_stats
+    from mlray.tagging.job import TagOptions, tag
+    from mlray.training.trainer import train
 
     out = os.path.abspath(out)
     manifest = os.path.join(out, "manifest")
@@ -88,7 +88,7 @@ def run_demo(config: str, out: str, *, images: int = 1500, epochs: int | None = 
 def _test_images(manifest: str) -> list[str]:
     import pyarrow.compute as pc
 
-    from mlray.manifest import read_manifest
+    from mlray.io.manifest import read_manifest
 
     table, _ = read_manifest(manifest)
     return table.filter(pc.equal(table.column("split"), "test")).column("uri").to_pylist()
