@@ -1,8 +1,8 @@
 """Decode encoded image bytes to fixed-size RGB uint8: the ingest hot path.
 
 JPEGs use Pillow's ``draft`` mode: libjpeg scales by 1/2, 1/4 or 1/8 while
-decoding, 1.8x the throughput of a full decode then resize (measured: README,
-"Training"). Everything else goes through plain Pillow. Images are squashed to
+decoding, 1.8x the throughput of a full decode then resize (benchmarks/RESULTS.md).
+Everything else goes through plain Pillow. Images are squashed to
 ``size x size`` rather than centre-cropped: in multi-label data an object at the
 border is still a label, and a crop would cut it out.
 

@@ -6,10 +6,8 @@ objects whose labels stay on), horizontal flips and mild colour jitter.
 ``uint8 NHWC.permute(0, 3, 1, 2)`` is already channels-last in memory, the fast
 layout for convolutions on CPU and on tensor cores, and every step keeps it.
 
-Cost on a CPU (one thread, 224² images, batches of 64) was ~5.3 ms an image
-with a float ``grid_sample`` and four full passes of jitter and normalisation;
-now 1.4-2.4 ms (measured at different times on a shared machine), most of it
-the colour step:
+On a CPU this costs about a third of a float ``grid_sample`` followed by four
+full passes of jitter and normalisation, because:
 
 * the crop and resize run on uint8 on a CPU (its bilinear uint8 kernel is ~8x
   its float one), one integer box per image, drawn on the host so a GPU step

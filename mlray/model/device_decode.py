@@ -35,10 +35,8 @@ DECODE_MODES = ("auto", "cpu", "device")
 # --decode auto without a GPU, per job. Training: CPU tasks (the training worker's
 # cores step the model; decoding there would take turns with it). Tagging: the
 # scoring actor, which decodes one batch in its thread pool while another is
-# scored. Measured on 2 cores (python -m benchmarks.tag_throughput, 3 rounds),
-# against decoding in CPU tasks: 128 px images, steady state 1.22x (1.03-1.23), the
-# whole 6,000-image job faster in every round, less memory (no decoded pixels in
-# the object store); 2,400 640x480 photos: a tie (one run each way ahead).
+# scored: faster than CPU tasks on small images and no slower on photos, with no
+# decoded pixels in the object store (benchmarks/RESULTS.md, tag throughput).
 CPU_DEFAULT = {"train": "cpu", "tag": "device"}
 
 

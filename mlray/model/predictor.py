@@ -27,11 +27,9 @@ if TYPE_CHECKING:
 
 
 # On a CPU, in fp32, a batch is scored CPU_CHUNK images at a time: the same images/s
-# as the whole batch at once (EfficientNet-Lite0, 128 px, one thread: 199.5 img/s at
-# 64, 199.7 at 16, 4 interleaved repeats; 6,000-file tag jobs: a tie over 7 pairs),
-# with a quarter of the activations alive (the largest layer output alone is 96 MB
-# at 64 images). bf16 on a CPU is faster whole (309 against 327 img/s on the model
-# alone; tag jobs 8-10% longer in chunks, 2 pairs), and a GPU takes the whole batch.
+# as the whole batch at once, with a quarter of the activations alive (the largest
+# layer output of EfficientNet-Lite0 alone is 96 MB at 64 images). bf16 on a CPU is
+# faster whole, and a GPU takes the whole batch.
 CPU_CHUNK = 16
 
 

@@ -111,11 +111,9 @@ def score_dataset(
     # On CPU an actor scores several batches at once, each on its share of the
     # cores, rather than one batch on all of them: fewer threads meeting at an
     # OpenMP barrier every layer, and one batch's Python work (arrays, Arrow
-    # columns) overlaps another's model. EfficientNet-Lite0 at 128 px on 2 cores
-    # (2 batches x 1 thread), tagging 6,000 files: 175-178 -> 220-228 images/s
-    # after the first batch (2 rounds, interleaved); the actor's memory grew from
-    # 1.40 to 1.85 GB (USS). At most MAX_CPU_CALLS batches, as each holds its
-    # activations. A GPU actor scores one batch at a time.
+    # columns) overlaps another's model (about 1.25x the images/s on 2 cores, for
+    # about 30% more actor memory). At most MAX_CPU_CALLS batches, as each holds
+    # its activations. A GPU actor scores one batch at a time.
     cores = max(1, int(os.cpu_count() or 1) // max(1, concurrency))
     calls = 1 if num_gpus else min(cores, MAX_CPU_CALLS)
     threads = None if num_gpus else max(1, cores // calls)
