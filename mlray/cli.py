@@ -25,6 +25,9 @@ from mlray.io.storage import StorageError
 from mlray.tagging.job import TagError
 
 USER_ERRORS = (ConfigError, LeaseHeld, ManifestError, SourceError, StorageError, TagError, ValueError, FileNotFoundError)
+# `tag --fail-on-drift`: the run finished and wrote everything, and its corpus drifted
+# from the model's validation split (1: a job failed, 2: bad input or rows left for a rerun)
+DRIFT_EXIT = 3
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -118,7 +121,7 @@ def _tag(args: argparse.Namespace) -> int:
     opts = _options(TagOptions, args, from_embeddings=bool(args.from_embeddings))
     summary = tag(args.model, args.from_embeddings or args.input, args.out, opts)
     print(summary.format())
-    return 0
+    return DRIFT_EXIT if args.fail_on_drift and summary.drift.get("drifted") else 0
 
 
 def _head(args: argparse.Namespace) -> int:
@@ -237,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--out", required=True, help="output Parquet directory (local or s3://)")
     add_options(tg, TagOptions, wait={"nargs": "?", "const": float("inf"), "metavar": "SECONDS"})
     _precision_flag(tg)
+    tg.add_argument("--fail-on-drift", action="store_true",
+                    help=f"exit {DRIFT_EXIT} (after writing everything) when labels or the mean top score drifted "
+                         "from the run's validation split (a nightly alert)")
     tg.set_defaults(func=_tag)
 
     hd = sub.add_parser("head", help="train a new head on stored embeddings (new labels without reading images)")

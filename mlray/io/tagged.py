@@ -139,15 +139,46 @@ def is_retryable(errors: pa.ChunkedArray | pa.Array) -> pa.Array:
     return pc.fill_null(pc.starts_with(errors, RETRYABLE + ":"), False)
 
 
+def label_counts(table: pa.Table) -> dict:
+    """What the scored rows of a batch of output rows say, summed over a run for its
+    drift check: ``scored`` rows, ``positives`` per label (of the ``labels``
+    column) and the sum and sum of squares of each row's highest score."""
+    scores = table.column("scores").drop_null()
+    n = len(scores)
+    top = np.zeros(0, np.float64)
+    if n:
+        values = pc.list_flatten(scores).to_numpy(zero_copy_only=False)
+        if len(values):
+            top = values.reshape(n, -1).max(axis=1).astype(np.float64)
+    flat = pc.list_flatten(table.column("labels"))
+    positives = {}
+    if len(flat):
+        vc = pc.value_counts(flat)
+        positives = dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
+    return {"scored": n, "positives": positives, "top_sum": float(top.sum()), "top_sq_sum": float((top**2).sum())}
+
+
+def add_counts(total: dict, part: dict) -> None:
+    """Add one batch's ``label_counts`` into ``total`` (an empty dict to start)."""
+    total["scored"] = total.get("scored", 0) + part["scored"]
+    total["top_sum"] = total.get("top_sum", 0.0) + part["top_sum"]
+    total["top_sq_sum"] = total.get("top_sq_sum", 0.0) + part["top_sq_sum"]
+    total.setdefault("positives", Counter()).update(part["positives"])
+
+
 def parquet_sink(out: str, schema: pa.Schema, rows_per_file: int | None):
     """A Ray Data datasink writing each task's rows to one part (``write_part``).
     Rows whose fetch failed for a transient cause are not written: their ids come
-    back in ``sink.result`` for the summary, and the next run tags them."""
+    back in ``sink.result`` for the summary, and the next run tags them. Each task
+    also counts its rows' labels and top scores (``label_counts``), summed in
+    ``sink.result["counts"]``: the run's side of the drift check, without reading
+    OUT again."""
     from ray.data import Datasink
 
     class AtomicParquetSink(Datasink):
         def __init__(self):
-            self.result: dict = {"rows": 0, "errors": Counter(), "files": [], "retryable": 0, "retryable_ids": []}
+            self.result: dict = {"rows": 0, "errors": Counter(), "files": [], "retryable": 0, "retryable_ids": [],
+                                 "counts": {"scored": 0, "positives": Counter(), "top_sum": 0.0, "top_sq_sum": 0.0}}
 
         @property
         def min_rows_per_write(self) -> int | None:
@@ -157,14 +188,15 @@ def parquet_sink(out: str, schema: pa.Schema, rows_per_file: int | None):
             tables = [pa.table(b) if not isinstance(b, pa.Table) else b for b in blocks]
             tables = [t for t in tables if t.num_rows]
             if not tables:
-                return {"rows": 0, "errors": {}, "file": None, "retryable_ids": []}
+                return {"rows": 0, "errors": {}, "file": None, "retryable_ids": [], "counts": None}
             table = pa.concat_tables(tables).select(schema.names).cast(schema)
             later = is_retryable(table.column("error"))
             retry_ids = table.filter(later).column("image_id").to_pylist()
             table = table.filter(pc.invert(later))
             uri = write_part(out, table) if table.num_rows else None
             errors = Counter(e.split(":", 1)[0] for e in table.column("error").drop_null().to_pylist())
-            return {"rows": table.num_rows, "errors": dict(errors), "file": uri, "retryable_ids": retry_ids}
+            return {"rows": table.num_rows, "errors": dict(errors), "file": uri, "retryable_ids": retry_ids,
+                    "counts": label_counts(table)}
 
         def on_write_complete(self, write_result) -> None:
             for r in write_result.write_returns:
@@ -175,6 +207,8 @@ def parquet_sink(out: str, schema: pa.Schema, rows_per_file: int | None):
                 self.result["retryable_ids"] += r["retryable_ids"][:max(room, 0)]
                 if r["file"]:
                     self.result["files"].append(r["file"])
+                if r["counts"]:
+                    add_counts(self.result["counts"], r["counts"])
 
     return AtomicParquetSink()
 

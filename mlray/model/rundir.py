@@ -8,6 +8,8 @@
     model.safetensors  the best weights by validation mAP
     thresholds.json    the thresholds tuned on validation for those weights
     best.json          which epoch, and its validation metrics
+    val_profile.json   what the best model predicts on validation: the reference
+                       ``mlray tag`` measures drift against (written with best.json)
     history.jsonl      one JSON line of metrics per epoch
     report/            written by ``mlray evaluate``
 
@@ -21,6 +23,8 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from mlray.io import storage
 from mlray.config import Config, build_config
 from mlray.model.thresholds import ThresholdPolicy
@@ -31,6 +35,7 @@ if TYPE_CHECKING:  # torch is imported where weights are read or written: checki
 CONFIG, LABELS, WEIGHTS, THRESHOLDS, BEST, HISTORY = (
     "config.yaml", "labels.json", "model.safetensors", "thresholds.json", "best.json", "history.jsonl",
 )
+PROFILE = "val_profile.json"
 EMA_FILE = "ema.safetensors"  # checkpoints of runs with optim.ema_decay: the weights to score with
 
 
@@ -95,13 +100,50 @@ def write_run_files(directory: str, cfg: Config, vocab: list[str], positives: li
 
 
 def write_best(directory: str, state_dict: dict[str, torch.Tensor], policy: ThresholdPolicy, epoch: int,
-               val: dict, record: dict) -> None:
-    """A new best model: its weights, the thresholds tuned for them, and ``best.json``
-    (which epoch, its val metrics at those thresholds, its history record)."""
+               val: dict, record: dict, *, val_scores: np.ndarray) -> None:
+    """A new best model: its weights, the thresholds tuned for them, its validation
+    profile (``val_profile``, from ``val_scores`` (N, C)) and ``best.json`` (which
+    epoch, its val metrics at those thresholds, its history record), written last."""
     save_weights(storage.join(directory, WEIGHTS), state_dict)
     storage.write_text(storage.join(directory, THRESHOLDS), policy.to_json())
+    storage.write_text(storage.join(directory, PROFILE), json.dumps(val_profile(val_scores, policy, epoch), indent=1))
     storage.write_text(storage.join(directory, BEST),
                        json.dumps({"epoch": epoch, "val": dict(val), "record": record}, indent=1))
+
+
+def val_profile(scores: np.ndarray, policy: ThresholdPolicy, epoch: int) -> dict:
+    """What a model predicts on the validation split at its tuned thresholds: images
+    predicted positive per label (in ``labels.json`` order) and the mean and std of
+    each image's highest score. ``mlray tag`` compares its own run with it (drift)."""
+    scores = np.asarray(scores, np.float32)
+    n = len(scores)
+    positives = policy.predict(scores).sum(axis=0) if n else np.zeros(len(policy.thresholds), np.int64)
+    top = scores.max(axis=1) if n and scores.shape[1] else np.zeros(0, np.float32)
+    return {
+        "epoch": epoch, "images": n, "predicted_positives": [int(v) for v in positives],
+        "top_score_mean": float(top.mean()) if len(top) else None,
+        "top_score_std": float(top.std()) if len(top) else None,
+    }
+
+
+def read_val_profile(directory: str, n_labels: int) -> dict | None:
+    """``val_profile.json`` of a run, or None when the run has none (made before
+    profiles were written, or a checkpoint folder). Raises ValueError naming the
+    file when it is unreadable or does not describe ``n_labels`` labels."""
+    uri = storage.join(directory, PROFILE)
+    if not storage.exists(uri):
+        return None
+    try:
+        doc = json.loads(storage.read_text(uri))
+        counts = doc["predicted_positives"]
+        int(doc["images"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{uri}: not a validation profile ({e}); train the run again or delete the file "
+                         "(tagging then checks no drift)") from e
+    if len(counts) != n_labels:
+        raise ValueError(f"{uri}: {len(counts)} labels, but {LABELS} has {n_labels}; the two files come from "
+                         "different runs")
+    return doc
 
 
 def read_best(directory: str) -> dict:

@@ -43,6 +43,7 @@ from mlray.io.manifest import first_schema, manifest_files
 from mlray.io.tagged import OutFiles
 from mlray.model.device_decode import DECODE_MODES
 from mlray.tagging import plan as tag_plan
+from mlray.tagging.drift import check_drift, format_drift
 
 if TYPE_CHECKING:
     from mlray.model.predictor import Predictor
@@ -81,6 +82,12 @@ class TagOptions:
     from_embeddings: bool = option(False, "the input is a tag OUT with embeddings: rescore them, read no image",
                                    cli=False)
     precision: str = option("auto", "scoring precision", choices=PRECISIONS, cli=False)
+    drift_factor: float = option(3.0, "a label drifted when its share of images tagged positive moved beyond this "
+                                 "factor from its share on the run's validation split, up or down", low=1)
+    drift_min_count: int = option(10, "images a label needs (on the side with the higher share) before its move "
+                                  "counts as drift; fewer are noise", low=1, integer=True)
+    drift_score_shift: float = option(0.1, "the mean top score drifted when it moved by more than this (and beyond "
+                                      "noise) from validation", low=0)
     decode: str = option("auto", "where images are decoded: cpu (CPU tasks), device (in the scoring actor: nvJPEG "
                          "on its GPU, a thread pool on CPU), auto (device; training's auto is cpu without a GPU)",
                          choices=DECODE_MODES)
@@ -107,6 +114,7 @@ class TagSummary:
     duplicates_repaired: int = 0  # extra rows of ids OUT held more than once, dropped before tagging
     errors_retried: int = 0  # missing: error rows tagged again (--retry-errors)
     plan_seconds: float = 0.0  # finding the new ids (and repairing OUT) before the first image is read
+    drift: dict = field(default_factory=dict)  # this run's label shares and top score vs validation (tagging.drift)
 
     def format(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.errors_by_reason.items())) or "none"
@@ -119,6 +127,8 @@ class TagSummary:
             extra += f"\nretried: {self.errors_retried} rows that were missing: errors"
         if not self.rows_written and not self.retryable:
             extra += "\nnothing to do: OUT already holds every input id"
+        if self.drift and (self.rows_written or self.drift.get("checked")):
+            extra += "\n" + format_drift(self.drift)
         return (
             f"rows in: {self.rows_in}   already in OUT (skipped): {self.rows_skipped}   written now: {self.rows_written}\n"
             f"scored: {self.rows_scored}   errors: {self.rows_with_errors} ({reasons})\n"
@@ -292,6 +302,7 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
     from mlray.runtime import init_ray
 
     t0 = time.time()
+    profile = _val_profile(art, model)
     state = _read_out(out, art, model, input_uri, opts)
     inp = _describe_input(input_uri, opts)
     init_ray(quiet=True)
@@ -309,7 +320,21 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
         progress = counter()
         _write(_dataset(art, model, inp, state, work, opts, scorer, progress), sink, progress, work.new, model)
     lease.check()
-    return _summarize(sink.result, work, state, dropped, n_dups, time.time() - t0, plan_seconds, art, input_uri, out)
+    drift = check_drift(sink.result["counts"], profile, art.vocab, model, factor=opts.drift_factor,
+                        min_count=opts.drift_min_count, score_shift=opts.drift_score_shift,
+                        compare_labels=opts.threshold is None and opts.top_k is None, incremental=opts.incremental)
+    return _summarize(sink.result, work, state, dropped, n_dups, time.time() - t0, plan_seconds, art, input_uri, out,
+                      drift)
+
+
+def _val_profile(art: RunArtifacts, model: str) -> dict | None:
+    """The run's validation profile, the reference of the drift check (None: the run has none)."""
+    from mlray.model import rundir
+
+    try:
+        return rundir.read_val_profile(art.directory, len(art.vocab))
+    except ValueError as e:
+        raise TagError(f"--model {e}") from e
 
 
 def _read_out(out: str, art: RunArtifacts, model: str, input_uri: str, opts: TagOptions) -> OutFiles:
@@ -446,9 +471,10 @@ def _dataset(art: RunArtifacts, model: str, inp: _Input, state: OutFiles, work: 
 
 
 def _summarize(res: dict, work: tag_plan.Plan, state: OutFiles, dropped: int, n_dups: int, seconds: float,
-               plan_seconds: float, art: RunArtifacts, input_uri: str, out: str) -> TagSummary:
-    """Count rows in and out, write ``_summary.json``, and fail when rows are missing
-    (inconsistent) or were left out for the next run (transient fetch errors)."""
+               plan_seconds: float, art: RunArtifacts, input_uri: str, out: str, drift: dict) -> TagSummary:
+    """Count rows in and out, write ``_summary.json`` (with the ``drift`` report),
+    and fail when rows are missing (inconsistent) or were left out for the next run
+    (transient fetch errors)."""
     written, retryable = res["rows"], res["retryable"]
     errors = sum(res["errors"].values())
     summary = TagSummary(
@@ -457,7 +483,7 @@ def _summarize(res: dict, work: tag_plan.Plan, state: OutFiles, dropped: int, n_
         duplicates=0, missing=work.rows_in - work.skipped - written - retryable, seconds=seconds,
         images_per_s=written / max(seconds, 1e-9), model=art.model_id, out=out, files_written=res["files"],
         retryable=retryable, retryable_ids=res["retryable_ids"], duplicates_repaired=n_dups,
-        errors_retried=len(work.retry_records), plan_seconds=plan_seconds,
+        errors_retried=len(work.retry_records), plan_seconds=plan_seconds, drift=drift,
     )
     complete = summary.missing == 0 and retryable == 0
     where = tagged.write_summary(out, {**summary.__dict__, "complete": complete, "input": input_uri})

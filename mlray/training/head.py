@@ -238,7 +238,8 @@ def train_head(model: str, embeddings: str, manifest: str, out: str, opts: HeadO
         fc.weight.copy_(head.weight.detach().to(fc.weight.device))
         fc.bias.copy_(head.bias.detach().to(fc.bias.device))
     rundir.write_run_files(out, cfg, vocab, positives, n_train)
-    rundir.write_best(out, model_nn.state_dict(), judged.policy, best_epoch, judged.metrics, record)
+    rundir.write_best(out, model_nn.state_dict(), judged.policy, best_epoch, judged.metrics, record,
+                      val_scores=val_scores)
     rundir.write_history(out, history)
     seconds = time.time() - t0
     result = HeadResult(out, int(have.sum()) - computed, computed, unreadable, best_epoch, dict(judged.metrics), collapse,

@@ -408,6 +408,7 @@ class Recipe:
                 f"data.max_error_fraction={cfg.data.max_error_fraction} of {n_seen_all}:\n  {listing}"
             )
         judged = tune_and_judge(val_scores, val_targets, cfg.thresholds, self.prior)
+        self.val_scores = val_scores  # every worker's: the validation profile saved with a new best
         record = {
             "epoch": epoch + 1,
             "phase": str(self.phase),
@@ -514,7 +515,8 @@ class Recipe:
         cfg = self.cfg
         rundir.write_history(directory, self.state.history)
         if improved:
-            rundir.write_best(directory, self.eval_model().state_dict(), policy, record["epoch"], tuned, record)
+            rundir.write_best(directory, self.eval_model().state_dict(), policy, record["epoch"], tuned, record,
+                             val_scores=self.val_scores)
         with open(os.path.join(tmp, rundir.WEIGHTS), "wb") as f:
             f.write(rundir.weights_bytes(self.model.state_dict()))
         if self.ema is not None:
