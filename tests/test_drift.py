@@ -126,3 +126,64 @@ def test_the_profile_is_written_with_the_best_model_and_read_back_checked(tmp_pa
     open(os.path.join(d, rundir.PROFILE), "w").write("{not json")
     with pytest.raises(ValueError, match="val_profile.json: not a validation profile"):
         rundir.read_val_profile(d, 3)
+
+
+@pytest.mark.slow
+def test_tag_names_drift_in_a_corpus_unlike_validation_and_exits_3_only_then(trained_run, local_ray, tmp_path, capsys):
+    """Through the CLI on a real 2-epoch run: its validation split tagged again
+    matches its profile; mosaics of one digit each drift, and --fail-on-drift
+    exits 3 after writing OUT and _summary.json; a run without a profile says so."""
+    import pyarrow.compute as pc
+
+    from mlray.cli import DRIFT_EXIT, main
+    from mlray.io.manifest import read_manifest, write_manifest
+
+    run, manifest, _ = trained_run
+    table, vocab = read_manifest(manifest)
+    profile = rundir.read_val_profile(run, len(vocab))
+    val = table.filter(pc.equal(table.column("split"), "val"))
+    assert profile is not None and profile["images"] == val.num_rows  # ~90 images, 20-70 per label predicted
+    assert profile["epoch"] == rundir.read_best(run)["epoch"]
+    args = ["--fail-on-drift", "--drift-min-count", "5"]
+
+    def tag_cli(model: str, rows: pa.Table, name: str) -> tuple[int, dict, str]:
+        m, out = str(tmp_path / f"{name}-manifest"), str(tmp_path / name)
+        write_manifest(rows, vocab, m)
+        capsys.readouterr()
+        rc = main(["tag", "--model", model, "--input", m, "--out", out, *args])
+        summary = json.loads(open(os.path.join(out, "_summary.json")).read())
+        assert summary["rows_written"] == rows.num_rows == pq.read_table(out).num_rows  # written, drift or not
+        return rc, summary, capsys.readouterr().out
+
+    rc, summary, printed = tag_cli(run, val, "val")
+    drift = summary["drift"]
+    assert rc == 0 and drift["checked"] and not drift["drifted"], printed
+    n = val.num_rows
+    assert drift["images"] == n and set(drift["labels"]) == set(vocab)
+    for label, d in drift["labels"].items():  # the same images at the same thresholds: the same shares
+        assert abs(d["share"] - d["val_share"]) <= 2 / n, (label, d)
+    assert abs(drift["top_score"]["shift"]) < 0.01
+    assert "drift vs validation" in printed and ": none" in printed
+
+    # a corpus of mosaics that each hold one digit (validation's hold 1 to 4): every
+    # label is rarer, and the model tags several of them less than a third as often
+    one = table.filter(pa.array([len(labels) == 1 for labels in table.column("labels").to_pylist()]))
+    rc, summary, printed = tag_cli(run, one, "one")  # every split: ~145 mosaics
+    drift = summary["drift"]
+    assert rc == DRIFT_EXIT and drift["drifted"] and drift["images"] == one.num_rows, printed
+    moved = drift["drifted_labels"]
+    assert moved and all(drift["labels"][d]["drift"] == "down" for d in moved), drift["labels"]
+    assert all(drift["labels"][d]["share"] < drift["labels"][d]["val_share"] / 3 for d in moved)
+    assert sum(d["share"] for d in drift["labels"].values()) < sum(d["val_share"] for d in drift["labels"].values())
+    assert drift["top_score"]["shift"] < 0  # and it is less sure of what it sees
+    assert "drift vs validation" in printed and ": DRIFT" in printed
+    line = next(x for x in printed.splitlines() if "labels drifted" in x)
+    assert all(f"{d} {drift['labels'][d]['share']:.3f} vs" in line for d in moved) and "(down)" in line
+
+    # a run trained before drift checks: tagged as ever, one line says drift was not checked
+    old = shutil.copytree(run, str(tmp_path / "old-run"), ignore=shutil.ignore_patterns("checkpoint_*"))
+    os.remove(os.path.join(old, rundir.PROFILE))
+    rc, summary, printed = tag_cli(old, one, "old")
+    assert rc == 0 and not summary["drift"]["checked"] and summary["complete"]
+    assert printed.count("drift not checked") == 1
+    assert f"no validation profile in {old} (trained before drift checks): drift not checked" in printed
