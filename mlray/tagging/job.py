@@ -59,7 +59,8 @@ class TagError(RuntimeError):
 class TagOptions:
     """``mlray tag``'s options: defaults, flags, help and ranges in one place (the CLI reads them)."""
 
-    batch_size: int = option(64, "images per scoring call", low=1, integer=True)
+    batch_size: int | None = option(None, "images per scoring call (default 64 on CPU, 256 with --num-gpus)",
+                                    low=1, integer=True, type=int)
     concurrency: int = option(1, "model actors (one per GPU on clusters)", low=1, integer=True)
     num_gpus: float = option(0.0, "GPUs per model actor (1 on GPU clusters)", low=0)
     actor_cpus: float | None = option(None, "CPUs per model actor (default 0.5 on CPU, 1 with GPUs)", type=float)
