@@ -62,9 +62,9 @@ def resolve_mode(mode: str, num_gpus: float, job: str) -> str:
 
 def draft_scale(width: int, height: int, size: int) -> int:
     """The factor Pillow's JPEG draft mode reduces by for a ``size``² target
-    (``images.decode``): the largest of 8, 4, 2, 1 that leaves both sides at least ``size``."""
+    (``images.decode``): the largest of 8, 4, 2 that leaves both sides at least ``size``, else 1."""
     fits = min(width // size, height // size)
-    return next(s for s in (8, 4, 2, 1) if fits >= s)
+    return next((s for s in (8, 4, 2) if fits >= s), 1)
 
 
 def resize_like_draft(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -76,6 +76,7 @@ def resize_like_draft(image: torch.Tensor, size: int) -> torch.Tensor:
     bilinear with antialiasing (Pillow's resampling). On real photos this is
     closer to Pillow's pixels than one bilinear resize from full size
     (benchmarks/RESULTS.md, decode parity)."""
+    import torch
     import torch.nn.functional as F
 
     x = image.unsqueeze(0).float()

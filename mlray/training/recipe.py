@@ -149,13 +149,14 @@ class InputClock:
     def __next__(self) -> dict:
         t0 = time.perf_counter()
         try:
-            return next(self._it)
+            batch = next(self._it)
         finally:
             waited = time.perf_counter() - t0
             self.wait += waited
-            if self.batches == 0:
-                self.first_wait = waited
-            self.batches += 1
+        if self.batches == 0:
+            self.first_wait = waited
+        self.batches += 1
+        return batch
 
 
 def _batches(source, dist: Dist, skipped_errors: list, *, batch_size: int, decoded=lambda b: b,
