@@ -25,6 +25,12 @@ from mlray.model.rundir import load_artifacts
 MODEL_DOES_NOT_LOAD = "the model does not load in the scoring actor"
 
 
+def scoring_actor_cpus(num_gpus: float, actor_cpus: float | None = None) -> float:
+    """CPUs a scoring actor asks Ray for: ``actor_cpus`` when given, else 1 beside a
+    GPU (it feeds the GPU) and 0.5 on CPU (decode tasks keep the rest)."""
+    return actor_cpus if actor_cpus is not None else (1.0 if num_gpus else 0.5)
+
+
 class ScoreBatches:
     """Ray Data actor: decoded batches in, the tagging contract's rows out.
 
@@ -107,7 +113,7 @@ def score_dataset(
 
     from mlray.runtime import worker_runtime_env
 
-    cpus = actor_cpus if actor_cpus is not None else (1.0 if num_gpus else 0.5)
+    cpus = scoring_actor_cpus(num_gpus, actor_cpus)
     # On CPU an actor scores several batches at once, each on its share of the
     # cores, rather than one batch on all of them: fewer threads meeting at an
     # OpenMP barrier every layer, and one batch's Python work (arrays, Arrow
