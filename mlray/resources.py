@@ -166,10 +166,12 @@ def _reserve(demand: Demand, wait: float | None, gpu_flag: str, say: Callable[[s
             say(f"waiting for the cluster to fit {demand.text()}: {limit} ({demand.wait_key})")
             ready, _ = ray.wait([pg.ready()], timeout=None if wait is None else max(0.0, wait - 2.0))
         if not ready:
+            flag = demand.wait_key.startswith("--")
             raise ResourceError(
                 f"{demand.count_key} x {', '.join(demand.keys.values())}: the cluster did not fit "
-                f"{demand.text()} within {demand.wait_key}={_num(wait)} s; free or add nodes, lower them, or "
-                f"wait longer ({demand.wait_key}=null waits as long as it takes)"
+                f"{demand.text()} within {demand.wait_key}{' ' if flag else '='}{_num(wait)} s; free or add nodes, "
+                f"lower them, or wait longer ({demand.wait_key}{' with no value' if flag else '=null'} waits as "
+                "long as it takes)"
             )
         if gpu_flag:
             _probe(demand, gpu_flag, pg)

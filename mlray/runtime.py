@@ -112,8 +112,9 @@ def quiet_console() -> None:
 def init_ray(num_cpus: int | None = None, quiet: bool = False, training: bool = False) -> None:
     """Join the cluster of ``RAY_ADDRESS``, or start the embedded local Ray.
 
-    ``quiet`` (the tagging job, whose console shows a progress bar): Ray's own
-    INFO and deprecation lines are dropped, and on the embedded Ray the worker
+    Ray's INFO lines on the driver are dropped. ``quiet`` (the tagging job,
+    whose console shows a progress bar): Ray Data's INFO and Ray's deprecation
+    lines are dropped too, and on the embedded Ray the worker
     processes' output (worker-count and actor-restart notes, per-operator
     messages) goes to Ray's session logs only, not to the console. Errors
     still reach the console: they come back as exceptions.
@@ -143,7 +144,9 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False, training: bool = 
         ctx.enable_progress_bars = False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
-    level = {"logging_level": logging.WARNING} if quiet else {}
+    # Ray's INFO lines on the driver ("Started a local Ray instance", ...) tell a user
+    # nothing, and would stand beside a job's one-line refusal
+    level = {"logging_level": logging.WARNING}
     if address:
         _EMBEDDED["started"] = False
         ray.init(address=address, log_to_driver=True, **level)
