@@ -85,7 +85,7 @@ def shortfall(demand: Demand, nodes: list[dict[str, float]]) -> str | None:
         have = sum(n.get(k, 0.0) for n in nodes)
         if need > have + 1e-9:
             key = demand.keys.get(k, k)
-            extra = f" + {_num(demand.extra[k])} ({demand.extra_key})" if demand.extra.get(k) else ""
+            extra = f" + {demand.extra_key}" if demand.extra.get(k) else ""
             return (f"{demand.count_key} x {key}{extra} needs {_num(need)} {k}, and "
                     f"{'the cluster has' if len(nodes) != 1 else 'this machine has'} {_num(have)}")
     holds = [_fits_in(n, per) for n in nodes]

@@ -58,6 +58,10 @@ def test_shortfall_names_the_keys_of_what_can_never_fit():
         _workers(2, 4, 1, "STRICT_PACK"), cluster)
     assert shortfall(_workers(2, 4, 1, "STRICT_SPREAD"), cluster) is None
     assert "STRICT_SPREAD needs 3 nodes" in shortfall(_workers(3, 2, 0, "STRICT_SPREAD"), cluster)
+    # the workers fit, but leave no CPU for a decode task: the input stream would wait for ever
+    decode = Demand(**{**_workers(1, 2).__dict__, "extra": {"CPU": 1.0}, "extra_key": "data.decode_cpus=1"})
+    assert shortfall(decode, laptop) == ("scaling.num_workers=1 x scaling.cpus_per_worker=2 + data.decode_cpus=1 "
+                                         "needs 3 CPU, and this machine has 2")
     # enough in total, but not in whole workers: 3 CPUs left on each of two nodes hold no 4-CPU worker
     assert "hold 2 of the 3" in shortfall(_workers(3, 4), [{"CPU": 7.0}, {"CPU": 7.0}])
 
@@ -281,8 +285,9 @@ def test_train_refuses_workers_larger_than_the_embedded_ray(small_manifest, tmp_
     cpus = os.cpu_count() or 1
     status, err, seconds = _mlray(*_coco(small_manifest, tmp_path, f"scaling.cpus_per_worker={cpus * 2}"))
     assert status == 2, err
-    assert _one_line(err).startswith(f"error: scaling.num_workers=1 x scaling.cpus_per_worker={cpus * 2} needs "
-                                     f"{cpus * 2} CPU, and this machine has {cpus}: the embedded local Ray")
+    assert _one_line(err).startswith(f"error: scaling.num_workers=1 x scaling.cpus_per_worker={cpus * 2} + "
+                                     f"data.decode_cpus=1 needs {cpus * 2 + 1} CPU, and this machine has {cpus}: "
+                                     "the embedded local Ray")
     import torch
 
     if not torch.cuda.is_available():

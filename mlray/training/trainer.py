@@ -141,8 +141,9 @@ def resolve_paths(cfg: Config) -> Config:
 
 
 def training_demand(cfg: Config) -> Demand:
-    """What the Ray Train workers ask for, and the keys that set it. The train
-    controller and its helpers take no CPU."""
+    """What the Ray Train workers ask for, and the keys that set it; beside them,
+    one decode task's CPUs, without which the input stream never starts (Ray Data
+    waits for a free CPU for ever). The train controller and its helpers take no CPU."""
     s = cfg.scaling
     return Demand(
         what="training workers", count=s.num_workers,
@@ -151,6 +152,7 @@ def training_demand(cfg: Config) -> Demand:
         keys={"CPU": f"scaling.cpus_per_worker={s.cpus_per_worker:g}",
               **({"GPU": f"scaling.gpus_per_worker={s.gpus_per_worker:g} (scaling.use_gpu=true)"} if s.use_gpu else {})},
         strategy=s.placement_strategy, wait_key="scaling.resource_wait",
+        extra={"CPU": cfg.data.decode_cpus}, extra_key=f"data.decode_cpus={cfg.data.decode_cpus:g}",
     )
 
 
