@@ -8,6 +8,10 @@
     mlray tag --model RUN --input s3://bucket/new/ --out s3://bucket/tags/ --embeddings
     mlray head --model RUN --embeddings s3://bucket/tags/ --manifest M2 --out s3://bucket/runs/new-labels
     mlray tag --model s3://bucket/runs/new-labels --from-embeddings s3://bucket/tags/ --out s3://bucket/tags2/
+
+Exit status: 0 done, 1 failed, 2 refused (bad input, named on one line), 130 or
+143 interrupted by SIGINT (Ctrl-C) or SIGTERM (``ray job stop``, a scheduler),
+after one line saying how to continue; what was written stays.
 """
 
 from __future__ import annotations
@@ -17,14 +21,19 @@ import dataclasses
 import json
 import sys
 
-from mlray.config import ConfigError, option_flag
+from mlray.config import DEFAULT_RESOURCE_WAIT, ConfigError, option_flag
 from mlray.io.lease import LeaseHeld
 from mlray.io.manifest import ManifestError
 from mlray.data.sources import SourceError
 from mlray.io.storage import StorageError
+from mlray.resources import ResourceError
+from mlray.runtime import catch_interrupts, interrupt_status, stop_ray
 from mlray.tagging.job import TagError
 
-USER_ERRORS = (ConfigError, LeaseHeld, ManifestError, SourceError, StorageError, TagError, ValueError, FileNotFoundError)
+USER_ERRORS = (ConfigError, LeaseHeld, ManifestError, ResourceError, SourceError, StorageError, TagError, ValueError,
+               FileNotFoundError)
+# what an interrupted command keeps, and how to go on (``main``)
+RERUN = "what was written is complete and kept; run the same command again to continue"
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -66,6 +75,12 @@ def _train(args: argparse.Namespace) -> int:
         if not args.config:
             raise ConfigError("mlray train needs --config CONFIG.yaml (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.overrides)
+    from mlray.model.rundir import run_dir
+    from mlray.training.trainer import has_checkpoint, resolve_paths
+
+    directory = run_dir(resolve_paths(cfg))
+    args.rerun = lambda: (f"the checkpoints written so far are kept; continue with: mlray train --resume {directory}"
+                          if has_checkpoint(directory) else "no epoch had finished; run the same command again")
     result = train(cfg, resume=bool(args.resume))
     best = result.best
     if best:
@@ -78,8 +93,9 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from mlray.evaluation.report import evaluate, format_summary
 
+    wait = None if args.resource_wait == float("inf") else args.resource_wait
     doc = evaluate(args.run, args.manifest, args.split, args.out, batch_size=args.batch_size, num_gpus=args.num_gpus,
-                   precision=args.precision)
+                   precision=args.precision, resource_wait=wait)
     print(format_summary(doc))
     return 1 if doc["collapse"]["collapsed"] and args.fail_on_collapse else 0
 
@@ -216,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="report directory (default RUN/report/SPLIT)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--num-gpus", type=float, default=0.0, help="GPUs for the scoring actor (1 on a GPU machine)")
+    ev.add_argument("--resource-wait", type=float, nargs="?", const=float("inf"), default=DEFAULT_RESOURCE_WAIT,
+                    metavar="SECONDS", help="on a cluster, seconds to wait for the scoring actor to fit (nodes being "
+                    "added) before failing; no value: forever (default %(default)s)")
     _precision_flag(ev)
     ev.add_argument("--fail-on-collapse", action="store_true", help="exit 1 when the model is no better than trivial")
     ev.set_defaults(func=_evaluate)
@@ -235,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--from-embeddings", metavar="TAGS_OUT",
                      help="rescore the embeddings a `tag --embeddings` run stored in TAGS_OUT; no image is read")
     tg.add_argument("--out", required=True, help="output Parquet directory (local or s3://)")
-    add_options(tg, TagOptions, wait={"nargs": "?", "const": float("inf"), "metavar": "SECONDS"})
+    add_options(tg, TagOptions, wait={"nargs": "?", "const": float("inf"), "metavar": "SECONDS"},
+                resource_wait={"nargs": "?", "const": float("inf"), "metavar": "SECONDS"})
     _precision_flag(tg)
     tg.set_defaults(func=_tag)
 
@@ -259,11 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    catch_interrupts()
     try:
         return args.func(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C, or SIGTERM (``ray job stop``): one line, then the embedded Ray stops (a
+        # cluster ends this job's actors as it disconnects); leases were released on the way out
+        name, status = interrupt_status()
+        rerun = getattr(args, "rerun", RERUN)
+        print(f"interrupted ({name}): {rerun() if callable(rerun) else rerun}", file=sys.stderr, flush=True)
+        stop_ray()
+        return status
 
 
 if __name__ == "__main__":

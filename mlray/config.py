@@ -21,6 +21,9 @@ from mlray.io import storage
 # Scoring precisions of tag, evaluate and predict (``factory.scoring_dtype``): the
 # run's mixed precision (auto), fp32 everywhere, or bf16 everywhere (CPU included).
 PRECISIONS = ("auto", "fp32", "bf16")
+# Seconds a job on a cluster waits for its workers to fit before failing: time for
+# an autoscaler to start GPU nodes, with room to spare (scaling.resource_wait, --resource-wait).
+DEFAULT_RESOURCE_WAIT = 600.0
 
 
 class ConfigError(ValueError):
@@ -130,6 +133,12 @@ class ScalingConfig(_Section):
         "num_workers for more GPUs)",
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    resource_wait: float | None = Field(
+        DEFAULT_RESOURCE_WAIT, ge=0,
+        description="seconds a job on a cluster waits for its workers to fit (the autoscaler adding nodes) before "
+        "it fails saying what it waited for; null = as long as it takes. The embedded local Ray refuses what "
+        "does not fit at once",
+    )
 
     @model_validator(mode="after")
     def _one_gpu_per_worker(self) -> "ScalingConfig":

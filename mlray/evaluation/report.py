@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mlray.config import DEFAULT_RESOURCE_WAIT
 from mlray.io import storage
 from mlray.evaluation.metrics import average_precision_per_label
 
@@ -187,22 +188,35 @@ td:first-child{{text-align:left}}.warn{{background:#fee;border:1px solid #c33;pa
 
 def evaluate(run: str, manifest: str, split: str = "test", out: str | None = None, *,
              batch_size: int = 64, compare_strategies: bool = True, num_gpus: float = 0.0,
-             precision: str = "auto") -> dict:
+             precision: str = "auto", resource_wait: float | None = DEFAULT_RESOURCE_WAIT) -> dict:
     """Score ``split`` and write the report; returns the metrics dict. ``num_gpus``:
     GPUs of the scoring actor (1 on a GPU machine; it then scores in the run's
     mixed precision, ``factory.amp_dtype``). ``precision``: ``auto``, ``fp32`` or
     ``bf16`` (``factory.scoring_dtype``); evaluate in the precision you tag in, so
-    the thresholds compared on the validation split are those tagging will meet."""
+    the thresholds compared on the validation split are those tagging will meet.
+    First, a sample of the manifest's images must exist, and the scoring actor
+    must fit (on a cluster: within ``resource_wait`` seconds; None: no limit)."""
     from mlray.config import training_facts
     from mlray.evaluation.validation import compare_strategies as compare
     from mlray.evaluation.validation import judge
+    from mlray.io.manifest import check_uris
     from mlray.model.rundir import load_artifacts, read_history
-    from mlray.model.scoring import score_splits
+    from mlray.model.scoring import score_splits, scoring_actor_cpus
+    from mlray.resources import Demand, ensure_resources
+    from mlray.runtime import init_ray
 
     art = load_artifacts(run)
     out = out or storage.join(run, "report", split)
     val_split = art.config.data.val_split
     compare_on = compare_strategies and split != val_split
+    check_uris(manifest, splits=[split, val_split] if compare_on else [split], flag="--manifest")
+    init_ray()
+    cpus = scoring_actor_cpus(num_gpus)
+    ensure_resources(Demand(what="scoring actor", count=1, per={"CPU": cpus, "GPU": num_gpus},
+                            count_key="one scoring actor",
+                            keys={"CPU": f"{cpus:g} CPU", **({"GPU": f"--num-gpus {num_gpus:g}"} if num_gpus else {})},
+                            wait_key="--resource-wait"),
+                     resource_wait, gpu_flag=f"--num-gpus {num_gpus:g}")
     scored_all = score_splits(run, manifest, [split, val_split] if compare_on else [split], batch_size=batch_size,
                               num_gpus=num_gpus, precision=precision)
     scored = scored_all[split]

@@ -4,10 +4,13 @@ The label vocabulary (its order defines multi-hot positions) travels in the sche
 metadata under ``mlray.labels``, so a manifest read by any tool is self-describing.
 A manifest is one Parquet file or a directory/prefix of them; ``write_manifest``
 always writes a directory of ``part-*.parquet`` files plus ``_stats.json``.
+``check_uris`` tells, before a job starts, whether the rows' images are where
+their ``uri`` says.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 from collections.abc import Sequence
@@ -28,6 +31,7 @@ REQUIRED = {"image_id": pa.string(), "uri": pa.string(), "labels": pa.list_(pa.s
 OPTIONAL = {"split": pa.string(), "image": pa.binary(), "content_hash": pa.string()}
 COLUMN_ORDER = ("image_id", "uri", "labels", "split", "content_hash", "image")
 STATS_FILE = "_stats.json"
+URI_SAMPLE = 32  # rows whose image ``check_uris`` looks for, spread over the manifest
 
 # Row groups of several MB: large GETs from object storage, and small enough that
 # the training stream can read them as shuffle units in a fresh random order each
@@ -338,3 +342,61 @@ def multi_hot(labels: pa.ListArray | pa.ChunkedArray, vocab: Sequence[str]) -> n
     keep = idx >= 0
     out[rows[keep], idx[keep]] = 1
     return out
+
+
+def _fully_packed(uri: str) -> bool:
+    """Whether every row of the manifest carries its image bytes, from the Parquet
+    footers' statistics (no image is read)."""
+    for f in manifest_files(uri):
+        fs, path = storage.resolve(f)
+        meta = storage.retrying(lambda: pq.read_metadata(path, filesystem=fs), f)
+        names = meta.schema.to_arrow_schema().names
+        if "image" not in names:
+            return False
+        col = names.index("image")
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(col).statistics
+            if stats is None or not stats.has_null_count or stats.null_count:
+                return False
+    return True
+
+
+def check_uris(uri: str, table: pa.Table | None = None, *, splits: Sequence[str] | None = None,
+               rows: np.ndarray | None = None, flag: str = "--manifest", sample: int = URI_SAMPLE) -> int:
+    """Look for the images of ``sample`` rows spread evenly over the manifest (of
+    ``splits`` only, when given) and raise ``ManifestError`` naming ``flag``, the
+    first row whose image does not exist and the directory relative ``uri`` values
+    are resolved against: a manifest written with paths relative to somewhere
+    else fails here, not after a job has started. Rows that carry their bytes
+    (packed) need no check. ``table``: the manifest as ``read_manifest`` gave it
+    (absolute ``uri`` values), to avoid reading it again; ``rows``: a mask of its
+    rows to sample from (those a job will read). Returns the rows checked."""
+    has_images = "image" in first_schema(uri).names
+    if has_images and _fully_packed(uri):
+        return 0
+    if table is None or (has_images and "image" not in table.column_names):
+        # some rows packed, some not (not what `mlray prepare` writes): which is which takes the bytes
+        table, _ = read_manifest(uri, with_images=has_images, check=False)
+    rows = np.ones(table.num_rows, bool) if rows is None else np.asarray(rows, bool).copy()
+    if splits is not None and "split" in table.column_names:
+        rows = pc.is_in(table.column("split"), pa.array(list(splits), pa.string())).to_numpy(zero_copy_only=False)
+    if "image" in table.column_names:
+        rows &= pc.is_null(table.column("image")).to_numpy(zero_copy_only=False)
+    uris = table.column("uri")
+    rows &= pc.is_valid(uris).to_numpy(zero_copy_only=False)
+    candidates = np.flatnonzero(rows)
+    if not len(candidates):
+        return 0
+    picks = candidates[np.unique(np.linspace(0, len(candidates) - 1, min(sample, len(candidates))).round().astype(int))]
+    wanted = [uris[int(i)].as_py() for i in picks]
+    with concurrent.futures.ThreadPoolExecutor(min(16, len(wanted))) as pool:
+        found = list(pool.map(storage.exists, wanted))
+    for i, u, ok in zip(picks, wanted, found):
+        if not ok:
+            image_id = table.column("image_id")[int(i)].as_py()
+            raise ManifestError(
+                f"{flag} {uri}: row {int(i)} ({image_id}): {u} does not exist (the first missing of {len(picks)} rows "
+                f"checked across the manifest); relative uri values are resolved against the manifest's directory, "
+                f"{manifest_base(uri)}: write them relative to it, or absolute"
+            )
+    return len(picks)

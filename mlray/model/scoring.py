@@ -35,6 +35,12 @@ def default_batch_size(num_gpus: float) -> int:
     return BATCH_SIZE["gpu" if num_gpus else "cpu"]
 
 
+def scoring_actor_cpus(num_gpus: float, actor_cpus: float | None = None) -> float:
+    """CPUs a scoring actor asks Ray for: ``actor_cpus`` when given, else 1 beside a
+    GPU (it feeds the GPU) and 0.5 on CPU (decode tasks keep the rest)."""
+    return actor_cpus if actor_cpus is not None else (1.0 if num_gpus else 0.5)
+
+
 class ScoreBatches:
     """Ray Data actor: decoded batches in, the tagging contract's rows out.
 
@@ -124,7 +130,7 @@ def score_dataset(
 
     from mlray.runtime import worker_runtime_env
 
-    cpus = actor_cpus if actor_cpus is not None else (1.0 if num_gpus else 0.5)
+    cpus = scoring_actor_cpus(num_gpus, actor_cpus)
     # On CPU an actor scores several batches at once, each on its share of the
     # cores, rather than one batch on all of them: fewer threads meeting at an
     # OpenMP barrier every layer, and one batch's Python work (arrays, Arrow
