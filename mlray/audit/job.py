@@ -250,17 +250,17 @@ def audit(manifest: str, model: str, out: str, embeddings: str | None = None,
     t0 = time.time()
     timings: dict[str, float] = {}
     table, vocab = labelled_manifest(manifest)
+    ids = table.column("image_id").combine_chunks()
+    labels = table.column("labels").combine_chunks()
+    n = len(ids)
+    groups = content_groups(ids, table.column("content_hash") if "content_hash" in table.column_names else None)
+    folds = assign_folds(groups, opts.folds, seed=opts.seed, rarity=rarest_label(labels, vocab))
     cfg, digest, dim = _model(model, opts.overrides)
     parts: list[str] = []
     if embeddings:
         state, info = embedding_parts(embeddings)
         check_backbone(info, digest, dim, embeddings, model)
         parts = state.files
-    ids = table.column("image_id").combine_chunks()
-    labels = table.column("labels").combine_chunks()
-    n = len(ids)
-    groups = content_groups(ids, table.column("content_hash") if "content_hash" in table.column_names else None)
-    folds = assign_folds(groups, opts.folds, seed=opts.seed, rarity=rarest_label(labels, vocab))
 
     loc = _Located(ids, np.full(n, -1, np.int64))
     from_embeddings = loc.add(parts) if parts else 0
