@@ -351,6 +351,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--scale", type=int, help="time an audit of this many synthetic stored embeddings instead")
     ap.add_argument("--scale-epochs", type=int, default=10)
     ap.add_argument("--scale-patience", type=int, default=3)
+    ap.add_argument("--model", help="--scale: the run whose backbone digest the synthetic embeddings carry "
+                    "(default: the keywords source run, trained once)")
     args = ap.parse_args(argv)
     from mlray.runtime import init_ray
 
@@ -358,8 +360,8 @@ def main(argv=None) -> list[dict]:
         from benchmarks.common import cached_run, in_fresh_process
         from benchmarks.quality import keywords_manifest
 
-        run = cached_run(f"head-source-keywords-{args.size}", keywords_manifest(), args.size, epochs=1,
-                         freeze_epochs=1)
+        run = args.model or cached_run(f"head-source-keywords-{args.size}", keywords_manifest(), args.size,
+                                       epochs=1, freeze_epochs=1)
         root = os.path.join(os.path.abspath(OUT), f"audit-scale-{args.scale}")
         doc = in_fresh_process("benchmarks.audit", "scale_case", args.scale, run, root, args.scale_epochs,
                                args.scale_patience)

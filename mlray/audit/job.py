@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -306,19 +305,24 @@ def audit(manifest: str, model: str, out: str, embeddings: str | None = None,
     scores_dir = storage.join(out, SCORES)
     _clear(scores_dir)
     heads_ref = ray.put(heads)
-    scored = ray.get([task(work.score_part).remote(p, r, heads_ref, refs["folds"], refs["ids"], refs["labels"], vocab,
-                                                   storage.join(scores_dir, f"part-{i:05d}.parquet"))
-                      for i, (p, r) in enumerate(zip(loc.parts, loc.rows))])
-    stats = sum((s["stats"] for s in scored), LabelStats.empty(len(vocab)))
+    stats = LabelStats.empty(len(vocab))
+    score_files = []
+    # summed as they come: the driver holds one part's histograms at a time, whatever the corpus
+    for r in _as_completed([task(work.score_part).remote(p, r, heads_ref, refs["folds"], refs["ids"], refs["labels"],
+                                                         vocab, storage.join(scores_dir, f"part-{i:05d}.parquet"))
+                            for i, (p, r) in enumerate(zip(loc.parts, loc.rows))]):
+        stats = stats + r["stats"]
+        if r["file"]:
+            score_files.append(r["file"])
     cal = calibrate(stats, opts.min_positives)
     timings["score_s"] = time.time() - t
 
     t = time.time()
     work_dir = storage.join(out, WORK, "candidates")
     cal_ref = ray.put(cal)
-    cands = ray.get([task(work.candidate_part).remote(s["file"], cal_ref, refs["labels"], vocab, opts.floor, opts.cut,
-                                                      storage.join(work_dir, f"part-{i:05d}.parquet"))
-                     for i, s in enumerate(scored) if s["file"]])
+    cands = list(_as_completed([task(work.candidate_part).remote(f, cal_ref, refs["labels"], vocab, opts.floor,
+                                                                 opts.cut, storage.join(work_dir, f"part-{i:05d}.parquet"))
+                                for i, f in enumerate(sorted(score_files))]))
     counts = {k: sum(c["counts"][k] for c in cands) for k in cands[0]["counts"]} if cands else {}
     hist = sum(c["hist"] for c in cands) if cands else np.zeros(work.SUSPICION_BINS, np.int64)
     n_flagged = int(sum(counts[f"{k}_flagged"].sum() for k in (MISSING, WRONG))) if counts else 0
@@ -350,6 +354,16 @@ def audit(manifest: str, model: str, out: str, embeddings: str | None = None,
         "unreadable": [{"image_id": i, "error": e} for i, e in unreadable], "per_label": per_label,
     }, indent=1, default=float))
     return result
+
+
+def _as_completed(refs: list):
+    """The results of Ray tasks, one at a time as each finishes."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
 
 
 def _clear(uri: str) -> None:
