@@ -1,4 +1,4 @@
-"""The ``mlray`` command: prepare, stats, train, evaluate, predict, tag, head, demo.
+"""The ``mlray`` command: prepare, stats, train, evaluate, predict, tag, head, audit, demo.
 
     mlray prepare labels.csv --images s3://bucket/images --out s3://bucket/manifest --pack
     mlray stats s3://bucket/manifest
@@ -8,6 +8,8 @@
     mlray tag --model RUN --input s3://bucket/new/ --out s3://bucket/tags/ --embeddings
     mlray head --model RUN --embeddings s3://bucket/tags/ --manifest M2 --out s3://bucket/runs/new-labels
     mlray tag --model s3://bucket/runs/new-labels --from-embeddings s3://bucket/tags/ --out s3://bucket/tags2/
+    mlray audit --manifest M --model RUN --out s3://bucket/audit/ --embeddings s3://bucket/tags/
+    mlray prepare --fixes s3://bucket/audit/fixes.csv --manifest M --out M2
 
 Exit status: 0 done, 1 failed, 2 refused (bad input, named on one line), 130 or
 143 interrupted by SIGINT (Ctrl-C) or SIGTERM (``ray job stop``, a scheduler),
@@ -40,6 +42,11 @@ def _prepare(args: argparse.Namespace) -> int:
     from mlray.data.prepare import prepare
     from mlray.data.stats import format_stats
 
+    if args.fixes or args.manifest:
+        return _prepare_fixes(args)
+    if not args.source or not args.images:
+        raise ConfigError("mlray prepare needs a label SOURCE and --images (or --fixes FIXES.csv --manifest M)")
+
     result = prepare(
         args.source, args.images, args.out, split=args.split, seed=args.seed, pack=args.pack,
         skip_missing=args.skip_missing, resplit=args.resplit, filename_column=args.filename_column,
@@ -49,6 +56,19 @@ def _prepare(args: argparse.Namespace) -> int:
     if result.missing:
         print(f"skipped {len(result.missing)} rows whose image does not exist, e.g. {result.missing[:5]}")
     print(f"manifest: {args.out} ({len(result.files)} file(s), {result.stats['images']} images)")
+    return 0
+
+
+def _prepare_fixes(args: argparse.Namespace) -> int:
+    from mlray.data.fixes import apply_fixes
+
+    if not (args.fixes and args.manifest):
+        raise ConfigError("--fixes FIXES.csv and --manifest M go together: the fixes are applied to M's labels")
+    if args.source or args.images:
+        raise ConfigError("--fixes applies reviewed label changes to --manifest; it takes no SOURCE or --images")
+    result = apply_fixes(args.manifest, args.fixes, args.out)
+    print(result.format())
+    print(f"manifest: {args.out} ({len(result.files)} file(s), {result.rows} images)")
     return 0
 
 
@@ -145,6 +165,14 @@ def _head(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from mlray.audit.job import AuditOptions, audit
+
+    opts = _options(AuditOptions, args, overrides=args.overrides)
+    print(audit(args.manifest, args.model, args.out, args.embeddings, opts).format())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from mlray.demo.run import run_demo
 
@@ -192,15 +220,17 @@ def _precision_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mlray.audit.job import AuditOptions
     from mlray.tagging.job import TagOptions
     from mlray.training.head import HeadOptions
 
     p = argparse.ArgumentParser(prog="mlray", description="Multi-label image classification on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    pr = sub.add_parser("prepare", help="label source + images -> Parquet manifest with splits and report")
-    pr.add_argument("source", help="one-hot CSV, label-list CSV/Parquet, or COCO instances JSON (local or s3://)")
-    pr.add_argument("--images", required=True, help="root that filenames are relative to (local or s3://)")
+    pr = sub.add_parser("prepare", help="label source + images -> Parquet manifest with splits and report; "
+                        "or --fixes: a manifest with reviewed label fixes applied")
+    pr.add_argument("source", nargs="?", help="one-hot CSV, label-list CSV/Parquet, or COCO instances JSON (local or s3://)")
+    pr.add_argument("--images", help="root that filenames are relative to (local or s3://); needed with SOURCE")
     pr.add_argument("--out", required=True, help="manifest directory to write (local or s3://)")
     pr.add_argument("--split", default="train=0.8,val=0.1,test=0.1", help="split fractions (default %(default)s)")
     pr.add_argument("--seed", type=int, default=0)
@@ -211,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--labels-column", help="column holding label lists (default: detected)")
     pr.add_argument("--label-names", help="label names file: one per line, or a CSV with a Labels column")
     pr.add_argument("--concurrency", type=int, default=32, help="parallel image reads")
+    pr.add_argument("--fixes", metavar="FIXES.csv", help="apply the kept rows of an audit's fixes.csv to --manifest "
+                    "(same ids, splits and order) and write the result to --out")
+    pr.add_argument("--manifest", help="with --fixes: the manifest the audit ran on")
     pr.set_defaults(func=_prepare)
 
     st = sub.add_parser("stats", help="dataset report of a manifest")
@@ -267,6 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(hd, HeadOptions)
     hd.add_argument("overrides", nargs="*", help="key=value for the new run's config, e.g. loss.name=bce")
     hd.set_defaults(func=_head)
+
+    au = sub.add_parser("audit", help="rank the label errors of a manifest (out-of-fold heads on embeddings): "
+                        "suspects, an HTML report and a fixes.csv for `prepare --fixes`")
+    au.add_argument("--manifest", required=True, help="labelled manifest to audit (ids, labels, content hashes)")
+    au.add_argument("--model", required=True, help="run whose backbone embeds the images (and whose loss fits the heads)")
+    au.add_argument("--out", required=True, help="audit directory: suspects.parquet, report.html, fixes.csv, ...")
+    au.add_argument("--embeddings", metavar="TAGS_OUT", help="OUT of a `mlray tag --embeddings` run with RUN's "
+                    "backbone; images it lacks are embedded now (default: all are)")
+    add_options(au, AuditOptions)
+    au.add_argument("overrides", nargs="*", help="key=value for the heads' config, e.g. loss.name=bce")
+    au.set_defaults(func=_audit)
 
     dm = sub.add_parser("demo", help="compose a data set from packaged images, then prepare, train, evaluate, tag")
     dm.add_argument("--config", default="jobs/configs/demo.yaml")

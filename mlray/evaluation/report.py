@@ -172,18 +172,30 @@ def render_html(title: str, metrics: dict, collapse: dict, table: pa.Table, plot
         for r in sorted(table.to_pylist(), key=lambda r: -(r["support"]))
     )
     imgs = "".join(
-        f'<h2>{html.escape(name.replace("_", " "))}</h2><img alt="{name}" src="data:image/png;base64,'
-        f'{base64.b64encode(png).decode()}">'
+        f'<h2>{html.escape(name.replace("_", " "))}</h2><img alt="{name}" src="{data_uri(png, "image/png")}">'
         for name, png in plots.items()
     )
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
-td:first-child{{text-align:left}}.warn{{background:#fee;border:1px solid #c33;padding:1em}}img{{max-width:100%}}</style>
-</head><body><h1>{html.escape(title)}</h1>{warn}
-<h2>Metrics beside doing nothing</h2><table><tr><th>metric</th><th>model</th><th>label prior</th><th>all negative</th></tr>
-{''.join(rows)}</table>{strat}{imgs}
-<h2>Per label</h2><table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{body}</table></body></html>"""
+    body = (f"<h1>{html.escape(title)}</h1>{warn}<h2>Metrics beside doing nothing</h2><table><tr><th>metric</th>"
+            f"<th>model</th><th>label prior</th><th>all negative</th></tr>{''.join(rows)}</table>{strat}{imgs}"
+            f"<h2>Per label</h2><table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{body}</table>")
+    return page(title, body)
+
+
+PAGE_STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+td:first-child{text-align:left}.warn{background:#fee;border:1px solid #c33;padding:1em}img{max-width:100%}"""
+
+
+def page(title: str, body: str, style: str = "") -> str:
+    """A self-contained HTML page (no JavaScript, nothing fetched): mlray's reports
+    (``evaluate``, ``audit``) share this frame and style; ``style``: more CSS."""
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{PAGE_STYLE}{style}</style></head><body>{body}</body></html>")
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    """``data:`` URI of some bytes: how reports inline their pictures."""
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def evaluate(run: str, manifest: str, split: str = "test", out: str | None = None, *,

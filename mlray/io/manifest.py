@@ -46,11 +46,14 @@ class ManifestError(ValueError):
     """The manifest breaks the contract; the message names the file, row or key."""
 
 
-def schema_with_vocab(schema: pa.Schema, vocab: Sequence[str], row_order: str | None = None) -> pa.Schema:
+def schema_with_vocab(schema: pa.Schema, vocab: Sequence[str], row_order: str | None = None,
+                      extra: dict[bytes, bytes] | None = None) -> pa.Schema:
+    """``schema`` with the vocabulary (and row order, and ``extra`` keys) in its metadata."""
     meta = dict(schema.metadata or {})
     meta[LABELS_KEY] = json.dumps(list(vocab)).encode()
     if row_order is not None:
         meta[ROW_ORDER_KEY] = row_order.encode()
+    meta.update(extra or {})
     return schema.with_metadata(meta)
 
 
@@ -185,11 +188,14 @@ class ManifestWriter:
     Packed rows are grouped into row groups of about ``PACKED_ROW_GROUP_BYTES``
     and files of about ``PACKED_FILE_BYTES``; memory holds one row group. Each
     file appears atomically when complete; ``close`` removes parts of an older
-    manifest at ``out`` that this write did not replace.
+    manifest at ``out`` that this write did not replace. ``metadata``: more schema
+    metadata keys (e.g. what ``prepare --fixes`` changed).
     """
 
-    def __init__(self, out: str, vocab: Sequence[str], *, row_order: str | None = None):
+    def __init__(self, out: str, vocab: Sequence[str], *, row_order: str | None = None,
+                 metadata: dict[bytes, bytes] | None = None):
         self.out, self.vocab, self.row_order = out, list(vocab), row_order
+        self.metadata = dict(metadata or {})
         self.files: list[str] = []
         self._stale = set(storage.list_files(out, (".parquet",))) if storage.exists(out) else set()
         self._buffer: list[pa.Table] = []
@@ -204,7 +210,7 @@ class ManifestWriter:
         validate(table, self.vocab, self.out, check_unique=False)
         table = _order(table).replace_schema_metadata(None)
         if self._schema is None:
-            self._schema = schema_with_vocab(table.schema, self.vocab, self.row_order)
+            self._schema = schema_with_vocab(table.schema, self.vocab, self.row_order, self.metadata)
         table = table.cast(self._schema)
         packed = "image" in table.column_names
         limit_bytes = PACKED_ROW_GROUP_BYTES if packed else 1 << 62
