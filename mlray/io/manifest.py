@@ -318,12 +318,25 @@ def read_manifest(uri: str, *, with_images: bool = False, check: bool = True) ->
 
 
 def manifest_base(uri: str) -> str:
-    """The directory that relative ``uri`` values of the manifest at ``uri`` are relative to."""
-    return uri if storage.is_dir(uri) else storage.parent(uri)
+    """The directory that relative ``uri`` values of the manifest at ``uri`` are relative to.
+
+    Local paths come back absolute: Ray workers resolve URIs in other working directories.
+    """
+    base = uri if storage.is_dir(uri) else storage.parent(uri)
+    return base if "://" in base else storage.local_path(base)
+
+
+# A relative URI with '.' or '..' segments ('../images/x.jpg' from `mlray prepare`
+# when the images sit beside the manifest's directory).
+_DOT_SEGMENT = r"(^|/)\.\.?(/|$)"
 
 
 def absolute_uris(table: pa.Table, base: str) -> pa.Table:
-    """``table`` with its relative ``uri`` values (the contract allows them) joined to ``base``."""
+    """``table`` with its relative ``uri`` values (the contract allows them) joined to ``base``.
+
+    ``.``/``..`` segments are resolved, so ``../images/x.jpg`` reads the same from
+    a local directory and from an S3 prefix (object stores take ``..`` literally).
+    """
     if "uri" not in table.column_names:
         return table
     uris = table.column("uri")
@@ -331,6 +344,18 @@ def absolute_uris(table: pa.Table, base: str) -> pa.Table:
     if not pc.any(relative).as_py():
         return table
     fixed = pc.if_else(relative, pc.binary_join_element_wise(base.rstrip("/"), uris, "/"), uris)
+    dotted = pc.and_(relative, pc.match_substring_regex(uris, _DOT_SEGMENT))
+    if pc.any(dotted).as_py():
+        rows = fixed.to_pylist()
+        for i in pc.indices_nonzero(pc.fill_null(dotted, False)).to_pylist():
+            try:
+                rows[i] = storage.normalize(rows[i])
+            except storage.StorageError as e:
+                raise ManifestError(
+                    f"manifest {base}: uri {uris[i].as_py()!r} resolves to {e}; "
+                    "store absolute URIs for images outside the manifest's bucket"
+                ) from e
+        fixed = pa.array(rows, pa.string())
     return table.set_column(table.column_names.index("uri"), "uri", fixed)
 
 
