@@ -17,7 +17,7 @@ from mlray.model import rundir
 from mlray.io import storage
 from mlray.config import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_cluster_yaml_passes_rays_own_validation():
