@@ -1,4 +1,5 @@
-"""Pretrained weights from files (timm and torchvision layouts, local and S3), freezing."""
+"""Pretrained weights from files (timm and torchvision layouts, local and S3), freezing, BatchNorm
+folding for scoring, and the mixed precision chosen per device."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import timm
 import torch
 
 from mlray.io import storage
-from mlray.config import ModelConfig
-from mlray.model.factory import WeightsError, create_model, fused_model, init_head, set_trainable, stage_names
+from mlray.config import ConfigError, ModelConfig, build_config
+from mlray.model.factory import (WeightsError, amp_dtype, create_model, fused_model, init_head, scoring_dtype,
+                                 set_trainable, stage_names)
 
 
 def _save(uri, sd):
@@ -123,3 +125,26 @@ def test_a_net_whose_forward_does_not_follow_its_layer_order_is_not_folded():
     model = _random_norm_stats(NormFirst()).eval()
     folded, n = fused_model(model, 16)
     assert folded is model and n == 0
+
+
+def test_mixed_precision_is_chosen_by_what_the_gpu_supports_and_gpus_are_whole():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for capability in [(8, 0), (8, 9), (9, 0), (10, 0)]:  # A100, L4, H100, B200: native bf16
+        assert amp_dtype(True, cuda, capability) == torch.bfloat16
+    # T4, V100: torch.cuda.is_bf16_supported() says yes there (bf16 is emulated, many
+    # times slower than fp16), so the rule is the capability: fp16, with loss scaling
+    for capability in [(7, 5), (7, 0), (6, 1)]:
+        assert amp_dtype(True, cuda, capability) == torch.float16
+    assert amp_dtype(True, cpu) is None and amp_dtype(False, cuda, (9, 0)) is None
+    # scoring (tag, evaluate, predict --precision): auto is the run's rule; fp32 and bf16 hold on any device
+    assert scoring_dtype("auto", True, cpu) is None and scoring_dtype("fp32", True, cuda) is None
+    assert scoring_dtype("bf16", False, cuda) == torch.bfloat16
+    # bf16 on a CPU only where it computes in it natively: emulated, it is ~10x slower than fp32
+    assert scoring_dtype("bf16", True, cpu, cpu_bf16=True) == torch.bfloat16
+    assert scoring_dtype("bf16", True, cpu, cpu_bf16=False) is None
+    with pytest.raises(ValueError, match="fp16"):
+        scoring_dtype("fp16", True, cpu)
+    base = {"data": {"manifest": "unused"}, "run": {"name": "gpus"}}
+    with pytest.raises(ConfigError, match=r"scaling\.gpus_per_worker=0\.5"):
+        build_config({**base, "scaling": {"use_gpu": True, "gpus_per_worker": 0.5}})
+    assert build_config({**base, "scaling": {"use_gpu": True, "gpus_per_worker": 1}}).scaling.gpus_per_worker == 1

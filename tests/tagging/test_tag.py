@@ -406,14 +406,6 @@ def test_weights_that_do_not_fit_the_config_stop_the_job_naming_the_model(traine
     assert "run the same command again" not in str(e.value) and len(str(e.value).splitlines()) == 1
 
 
-def test_decode_auto_without_a_gpu_decodes_in_the_scoring_actor_but_not_in_the_trainer():
-    from mlray.model.device_decode import resolve_mode
-
-    assert resolve_mode("auto", 0, "tag") == "device" and resolve_mode("auto", 0, "train") == "cpu"
-    assert resolve_mode("auto", 1, "tag") == resolve_mode("auto", 1, "train") == "device"
-    assert resolve_mode("cpu", 1, "tag") == "cpu"
-
-
 def test_the_tagging_driver_checks_the_model_without_importing_torch(trained_run):
     """The driver only plans and checks; importing torch and timm there cost ~3 s
     of every tagging job's start-up (the scoring actors load the model)."""

@@ -67,34 +67,6 @@ def test_a_batch_whose_rows_all_failed_keeps_the_epoch_loss_finite():
     assert len(bad) == 11 and record["epoch"] == 1
 
 
-def test_mixed_precision_is_chosen_by_what_the_gpu_supports_and_gpus_are_whole():
-    import pytest
-
-    from mlray.config import ConfigError
-    from mlray.model.factory import amp_dtype, scoring_dtype
-
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    for capability in [(8, 0), (8, 9), (9, 0), (10, 0)]:  # A100, L4, H100, B200: native bf16
-        assert amp_dtype(True, cuda, capability) == torch.bfloat16
-    # T4, V100: torch.cuda.is_bf16_supported() says yes there (bf16 is emulated, many
-    # times slower than fp16), so the rule is the capability: fp16, with loss scaling
-    for capability in [(7, 5), (7, 0), (6, 1)]:
-        assert amp_dtype(True, cuda, capability) == torch.float16
-    assert amp_dtype(True, cpu) is None and amp_dtype(False, cuda, (9, 0)) is None
-    # scoring (tag, evaluate, predict --precision): auto is the run's rule; fp32 and bf16 hold on any device
-    assert scoring_dtype("auto", True, cpu) is None and scoring_dtype("fp32", True, cuda) is None
-    assert scoring_dtype("bf16", False, cuda) == torch.bfloat16
-    # bf16 on a CPU only where it computes in it natively: emulated, it is ~10x slower than fp32
-    assert scoring_dtype("bf16", True, cpu, cpu_bf16=True) == torch.bfloat16
-    assert scoring_dtype("bf16", True, cpu, cpu_bf16=False) is None
-    with pytest.raises(ValueError, match="fp16"):
-        scoring_dtype("fp16", True, cpu)
-    base = {"data": {"manifest": "unused"}, "run": {"name": "gpus"}}
-    with pytest.raises(ConfigError, match=r"scaling\.gpus_per_worker=0\.5"):
-        build_config({**base, "scaling": {"use_gpu": True, "gpus_per_worker": 0.5}})
-    assert build_config({**base, "scaling": {"use_gpu": True, "gpus_per_worker": 1}}).scaling.gpus_per_worker == 1
-
-
 def test_encoded_batches_decode_on_the_worker_like_decoded_ones():
     """data.decode=device: batches carry encoded bytes and the worker decodes them
     (nvJPEG on a GPU, the same Pillow decoder here). Lossless PNGs of the images
@@ -135,18 +107,3 @@ def test_a_batch_whose_rows_all_decoded_is_stepped_without_a_copy():
     bad = _batch(9, errors=(1, 3))
     images, targets = _good_rows(bad, np.array([e == "" for e in bad["error"]]))
     assert torch.equal(images, bad["image"][[0, 2]]) and torch.equal(targets, bad["target"][[0, 2]])
-
-
-def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
-    from mlray.runtime import cpu_has_native_bf16
-
-    def flags(*names):
-        path = tmp_path / "_".join(names or ("none",))
-        path.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 " + " ".join(names) + "\n")
-        return str(path)
-
-    assert cpu_has_native_bf16(flags("avx512f", "avx512_bf16")) is True  # AMD Zen 4, Intel Cooper Lake
-    assert cpu_has_native_bf16(flags("amx_tile", "amx_bf16")) is True  # Intel Sapphire Rapids
-    assert cpu_has_native_bf16(flags("avx512f")) is False  # AVX-512 alone does not compute in bf16
-    assert cpu_has_native_bf16(flags()) is False
-    assert cpu_has_native_bf16(str(tmp_path / "missing")) is None  # no /proc/cpuinfo: cannot tell
