@@ -1,4 +1,8 @@
-"""Shared fixtures: a real S3 server, real images, a real local Ray."""
+"""Shared fixtures: a real S3 server, real images, a real local Ray.
+
+Two tiers: ``pytest -m "not slow"`` runs the unit tier, which never starts Ray;
+every test that starts Ray, trains, runs a job in a subprocess or a server-heavy
+flow is marked ``slow``. ``make test`` runs both."""
 
 from __future__ import annotations
 
@@ -13,6 +17,25 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from servers import S3Server  # noqa: E402
+
+# Fixtures that start Ray (directly or through a training run): only slow tests may use them.
+RAY_FIXTURES = ("local_ray", "trained_run", "ray_head")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Keep the unit tier free of Ray: a test that asks for a fixture that starts
+    Ray, and is not marked slow, stops the collection with its name."""
+    unmarked = [
+        f"  {item.nodeid} uses {', '.join(f for f in RAY_FIXTURES if f in item.fixturenames)}"
+        for item in items
+        if item.get_closest_marker("slow") is None and any(f in item.fixturenames for f in RAY_FIXTURES)
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests that start Ray must be marked @pytest.mark.slow (the unit tier, -m 'not slow', never "
+            "starts Ray):\n" + "\n".join(unmarked)
+        )
 
 
 @pytest.fixture(scope="session")

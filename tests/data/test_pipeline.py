@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mlray.io import storage
 
 
+@pytest.mark.slow
 def test_fetch_errors_become_retryable_or_missing_rows(tmp_path, monkeypatch):
     """Decode tasks mark a row ``retryable:`` when the store could not be reached
     (tagging leaves it for the next run) and ``missing:`` when the object is absent."""

@@ -21,6 +21,7 @@ def _rows(csv_path):
         return [line.rstrip("\n") for line in f]
 
 
+@pytest.mark.slow  # the S3 server
 @pytest.mark.parametrize("pack", [False, True])
 def test_prepare_csv_to_s3_reads_back_with_plain_pyarrow(mosaics, bucket, s3_server, pack):
     root, csv_path = mosaics
@@ -173,6 +174,7 @@ def test_coco_import_keeps_images_without_annotations(mosaics, tmp_path):
     assert got[f"images/{names[2]}"] == []
 
 
+@pytest.mark.slow  # the S3 server
 def test_images_root_on_s3(mosaics, bucket, tmp_path):
     root, csv_path = mosaics
     storage.upload_dir(os.path.join(root, "images"), f"{bucket}/raw/images")

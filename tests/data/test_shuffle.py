@@ -59,6 +59,7 @@ def _stream(manifest, vocab, epochs=2):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
 def test_sorted_manifest_streams_like_a_random_order(local_ray, mosaics, tmp_path, packed):
     from mlray.data.prepare import prepare
@@ -85,6 +86,7 @@ def test_sorted_manifest_streams_like_a_random_order(local_ray, mosaics, tmp_pat
         assert epochs[0][0] != epochs[1][0]  # a new order every epoch
 
 
+@pytest.mark.slow
 def test_training_on_a_sorted_manifest_matches_the_shuffled_one(local_ray, mosaics, tmp_path):
     """The user-facing promise: the same rows sorted by label train as well as shuffled."""
     from mlray.config import build_config
@@ -117,6 +119,7 @@ def test_training_on_a_sorted_manifest_matches_the_shuffled_one(local_ray, mosai
     assert best["sorted"] > best["shuffled"] - 0.06, best
 
 
+@pytest.mark.slow
 def test_shuffled_read_and_decode_run_as_one_task(local_ray, mosaics, tmp_path):
     """The read and the decode fuse into one operator: each task decodes the rows it
     read (two operators would compete for the same CPU slots, and pass every block

@@ -12,6 +12,7 @@ from mlray.io import storage
 from mlray.io.lease import Lease, LeaseHeld
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_lease_one_holder_renewed_then_taken_over_when_expired(where, bucket, tmp_path):
     out = f"{bucket}/out" if where == "s3" else str(tmp_path / "out")
@@ -34,6 +35,7 @@ def test_lease_one_holder_renewed_then_taken_over_when_expired(where, bucket, tm
     assert not storage.exists(storage.join(out, "_lease.json"))
 
 
+@pytest.mark.slow
 def test_a_lease_whose_first_write_stalled_is_still_held_when_acquire_returns(s3_server, bucket, monkeypatch):
     """A store's write can hang for seconds (a fresh bucket, a loaded host). The
     lease's expiry is stamped before its write, so acquire renews it before
@@ -60,6 +62,7 @@ def test_a_lease_whose_first_write_stalled_is_still_held_when_acquire_returns(s3
         proxy.close()
 
 
+@pytest.mark.slow
 def test_a_lease_write_whose_answer_was_lost_is_recognised_as_ours(s3_server, bucket, monkeypatch):
     """The store takes the lease's write, and the connection drops before its
     answer comes back: the client retries, and the retried conditional write

@@ -11,6 +11,7 @@ import pytest
 from mlray.io import storage
 
 
+@pytest.mark.slow
 def test_an_unreachable_server_is_transient_and_a_missing_object_is_not(bucket, tmp_path):
     from servers import S3Server
 

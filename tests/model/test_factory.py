@@ -21,6 +21,7 @@ def _save(uri, sd):
     storage.write_bytes(uri, buf.getvalue())
 
 
+@pytest.mark.slow  # the S3 server
 def test_weights_file_on_s3_in_timm_and_torchvision_layouts(bucket):
     src = timm.create_model("resnet18", pretrained=False, num_classes=1000)
     torch.nn.init.normal_(src.conv1.weight)
@@ -97,6 +98,7 @@ def _random_norm_stats(model):
     return model
 
 
+@pytest.mark.slow  # builds, copies and runs two full networks
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18"])
 def test_scoring_folds_batchnorm_into_convolutions_with_the_same_outputs(name):
     model = _random_norm_stats(timm.create_model(name, pretrained=False, num_classes=7)).eval()
@@ -109,6 +111,34 @@ def test_scoring_folds_batchnorm_into_convolutions_with_the_same_outputs(name):
     with torch.inference_mode():
         assert torch.allclose(folded(x), want, atol=1e-4)
         assert torch.equal(model(x), want)  # the original is left as it was
+
+
+def test_a_small_net_is_folded_with_its_activation_kept():
+    """Conv -> BatchNorm and conv -> timm's BatchNormAct2d (whose activation must
+    survive the fold), on a net small enough for the unit tier."""
+
+    class Small(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.bn1 = torch.nn.BatchNorm2d(8)
+            self.conv2 = torch.nn.Conv2d(8, 4, 3, padding=1)
+            self.bn2 = timm.layers.BatchNormAct2d(4, act_layer=torch.nn.ReLU)
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.bn2(self.conv2(self.bn1(self.conv1(x)))).mean((2, 3)))
+
+    model = _random_norm_stats(Small()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        want = model(x)
+    folded, n = fused_model(model, 16)
+    assert n == 2 and folded is not model
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.ReLU) for m in folded.modules())
+    with torch.inference_mode():
+        assert torch.allclose(folded(x), want, atol=1e-5)
 
 
 def test_a_net_whose_forward_does_not_follow_its_layer_order_is_not_folded():

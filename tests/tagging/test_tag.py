@@ -21,6 +21,8 @@ from mlray.model.predictor import CPU_CHUNK, Predictor
 from mlray.io.manifest import LABELS_KEY
 from mlray.tagging.job import TagError, TagOptions, tag
 
+pytestmark = pytest.mark.slow  # every test here starts Ray or uses a trained run
+
 
 @pytest.fixture(scope="module")
 def corpus(trained_run, s3_server):

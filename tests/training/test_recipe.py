@@ -1,11 +1,13 @@
 """The training recipe's steps, run without Ray: accumulation at the end of an
-epoch, batches whose rows all failed to decode, validation."""
+epoch, batches whose rows all failed to decode, validation. Those that train a few
+steps of a real model are in the slow tier."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from mlray.config import build_config
@@ -41,6 +43,7 @@ def _grads(model):
     return [p.grad for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
 
 
+@pytest.mark.slow  # trains a few steps
 def test_partial_accumulation_group_is_not_carried_into_the_next_epoch():
     recipe = _recipe(accumulate=2)
     stats = recipe.train_epoch(0, [_batch(i) for i in range(3)])  # one whole group and one half
@@ -53,6 +56,7 @@ def test_partial_accumulation_group_is_not_carried_into_the_next_epoch():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow  # trains a few steps
 def test_a_batch_whose_rows_all_failed_keeps_the_epoch_loss_finite():
     recipe = _recipe(max_error_fraction=0.5)
     batches = [_batch(0), _batch(1, errors=range(4)), _batch(2, errors=(0,))]
@@ -67,6 +71,7 @@ def test_a_batch_whose_rows_all_failed_keeps_the_epoch_loss_finite():
     assert len(bad) == 11 and record["epoch"] == 1
 
 
+@pytest.mark.slow  # trains a few steps
 def test_encoded_batches_decode_on_the_worker_like_decoded_ones():
     """data.decode=device: batches carry encoded bytes and the worker decodes them
     (nvJPEG on a GPU, the same Pillow decoder here). Lossless PNGs of the images

@@ -15,6 +15,8 @@ from mlray.model import rundir
 from mlray.io import storage
 from mlray.config import build_config
 
+pytestmark = pytest.mark.slow  # Ray Train runs, and checkpoints read from the S3 server
+
 
 def _cfg(manifest, storage_path, name, **over):
     tree = {
