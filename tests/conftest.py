@@ -1,8 +1,8 @@
 """Shared fixtures: a real S3 server, real images, a real local Ray.
 
-Two tiers: ``pytest -m "not slow"`` runs the unit tier, which never starts Ray;
-every test that starts Ray, trains, runs a job in a subprocess or a server-heavy
-flow is marked ``slow``. ``make test`` runs both."""
+Two tiers: ``pytest -m "not slow"`` runs the unit tier, which starts neither Ray
+nor the S3 server; every test that starts Ray, trains, runs a job in a subprocess
+or needs the S3 server is marked ``slow``. ``make test`` runs both."""
 
 from __future__ import annotations
 
@@ -18,23 +18,24 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from servers import S3Server  # noqa: E402
 
-# Fixtures that start Ray (directly or through a training run): only slow tests may use them.
-RAY_FIXTURES = ("local_ray", "trained_run", "ray_head")
+# Fixtures that start Ray (directly or through a training run) or the S3 server
+# (``bucket`` too, through it): only slow tests may use them.
+SLOW_FIXTURES = ("local_ray", "trained_run", "ray_head", "s3_server")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Keep the unit tier free of Ray: a test that asks for a fixture that starts
-    Ray, and is not marked slow, stops the collection with its name."""
+    """Keep the unit tier free of Ray and of the S3 server: a test that asks for a
+    fixture that starts one, and is not marked slow, stops the collection with its name."""
     unmarked = [
-        f"  {item.nodeid} uses {', '.join(f for f in RAY_FIXTURES if f in item.fixturenames)}"
+        f"  {item.nodeid} uses {', '.join(f for f in SLOW_FIXTURES if f in item.fixturenames)}"
         for item in items
-        if item.get_closest_marker("slow") is None and any(f in item.fixturenames for f in RAY_FIXTURES)
+        if item.get_closest_marker("slow") is None and any(f in item.fixturenames for f in SLOW_FIXTURES)
     ]
     if unmarked:
         raise pytest.UsageError(
-            "tests that start Ray must be marked @pytest.mark.slow (the unit tier, -m 'not slow', never "
-            "starts Ray):\n" + "\n".join(unmarked)
+            "tests that start Ray or the S3 server must be marked @pytest.mark.slow (the unit tier, "
+            "-m 'not slow', starts neither):\n" + "\n".join(unmarked)
         )
 
 
