@@ -22,8 +22,9 @@ def test_lease_one_holder_renewed_then_taken_over_when_expired(where, bucket, tm
     time.sleep(3.5)  # longer than the ttl: renewals keep it held
     with pytest.raises(LeaseHeld):
         Lease(out, ttl=3).acquire()
-    # the holder stops renewing without releasing (its host lost power): after
-    # the expiry a waiting job takes over, and the old holder learns it lost it
+    # the holder stops renewing without releasing (its host lost power; no public
+    # call does that, it is the failure under test): after the expiry a waiting
+    # job takes over, and the old holder learns it lost it
     first._stop.set()
     first._thread.join()
     t0 = time.time()
@@ -81,7 +82,7 @@ def test_a_lease_write_whose_answer_was_lost_is_recognised_as_ours(s3_server, bu
         assert proxy.lost == 1
         doc = json.loads(storage.read_text(f"{bucket}/out/_lease.json"))
         assert doc["owner"] == first.token and doc["pid"] == os.getpid()
-        first._stop.set()  # renew by hand, not beside the background renewals
+        first._stop.set()  # renew by hand, not beside the background renewals: the renewal is the unit here
         first._thread.join()
         proxy.lose_next()
         assert first._renew() and proxy.lost == 2 and first.lost is None  # a renewal's answer lost

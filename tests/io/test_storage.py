@@ -23,8 +23,6 @@ def test_an_unreachable_server_is_transient_and_a_missing_object_is_not(bucket, 
     # a server that goes down: retried, then raised as transient, naming the URI
     import pyarrow.fs as pafs
 
-    from servers import S3Server
-
     server = S3Server(str(tmp_path / "blink"))
     try:
         fs = pafs.S3FileSystem(access_key=server.access_key, secret_key=server.secret_key, region="us-east-1",
