@@ -1,5 +1,6 @@
 """The training recipe's steps, run without Ray: accumulation at the end of an
-epoch, batches whose rows all failed to decode, validation."""
+epoch, batches whose rows all failed to decode, validation. Those that train a few
+steps of a real model are in the slow tier."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from mlray.config import build_config
@@ -42,6 +44,7 @@ def _grads(model):
     return [p.grad for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
 
 
+@pytest.mark.slow  # trains a few steps
 def test_partial_accumulation_group_is_not_carried_into_the_next_epoch():
     recipe = _recipe(accumulate=2)
     stats = recipe.train_epoch(0, [_batch(i) for i in range(3)])  # one whole group and one half
@@ -54,6 +57,7 @@ def test_partial_accumulation_group_is_not_carried_into_the_next_epoch():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow  # trains a few steps
 def test_a_batch_whose_rows_all_failed_keeps_the_epoch_loss_finite():
     recipe = _recipe(max_error_fraction=0.5)
     batches = [_batch(0), _batch(1, errors=range(4)), _batch(2, errors=(0,))]
@@ -68,34 +72,7 @@ def test_a_batch_whose_rows_all_failed_keeps_the_epoch_loss_finite():
     assert len(bad) == 11 and record["epoch"] == 1
 
 
-def test_mixed_precision_is_chosen_by_what_the_gpu_supports_and_gpus_are_whole():
-    import pytest
-
-    from mlray.config import ConfigError
-    from mlray.model.factory import amp_dtype, scoring_dtype
-
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    for capability in [(8, 0), (8, 9), (9, 0), (10, 0)]:  # A100, L4, H100, B200: native bf16
-        assert amp_dtype(True, cuda, capability) == torch.bfloat16
-    # T4, V100: torch.cuda.is_bf16_supported() says yes there (bf16 is emulated, many
-    # times slower than fp16), so the rule is the capability: fp16, with loss scaling
-    for capability in [(7, 5), (7, 0), (6, 1)]:
-        assert amp_dtype(True, cuda, capability) == torch.float16
-    assert amp_dtype(True, cpu) is None and amp_dtype(False, cuda, (9, 0)) is None
-    # scoring (tag, evaluate, predict --precision): auto is the run's rule; fp32 and bf16 hold on any device
-    assert scoring_dtype("auto", True, cpu) is None and scoring_dtype("fp32", True, cuda) is None
-    assert scoring_dtype("bf16", False, cuda) == torch.bfloat16
-    # bf16 on a CPU only where it computes in it natively: emulated, it is ~10x slower than fp32
-    assert scoring_dtype("bf16", True, cpu, cpu_bf16=True) == torch.bfloat16
-    assert scoring_dtype("bf16", True, cpu, cpu_bf16=False) is None
-    with pytest.raises(ValueError, match="fp16"):
-        scoring_dtype("fp16", True, cpu)
-    base = {"data": {"manifest": "unused"}, "run": {"name": "gpus"}}
-    with pytest.raises(ConfigError, match=r"scaling\.gpus_per_worker=0\.5"):
-        build_config({**base, "scaling": {"use_gpu": True, "gpus_per_worker": 0.5}})
-    assert build_config({**base, "scaling": {"use_gpu": True, "gpus_per_worker": 1}}).scaling.gpus_per_worker == 1
-
-
+@pytest.mark.slow  # trains a few steps
 def test_encoded_batches_decode_on_the_worker_like_decoded_ones():
     """data.decode=device: batches carry encoded bytes and the worker decodes them
     (nvJPEG on a GPU, the same Pillow decoder here). Lossless PNGs of the images

@@ -27,7 +27,7 @@ from mlray.io.manifest import LABELS_KEY, ManifestError, check_uris
 from mlray.model.factory import WeightsError, resolve_weights
 from mlray.resources import Demand, cuda_problem, shortfall
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COCO = os.path.join(ROOT, "jobs", "configs", "coco80.yaml")
 
 
@@ -130,6 +130,7 @@ def test_weights_that_cannot_load_are_refused_naming_the_key(tmp_path, monkeypat
     assert resolve_weights(_model(pretrained="none")) is None
 
 
+@pytest.mark.slow
 def test_weights_file_on_s3_must_exist(bucket):
     with pytest.raises(WeightsError, match=rf"model.pretrained={bucket}/w.pth: no such weights file"):
         resolve_weights(_model(pretrained=f"{bucket}/w.pth"))

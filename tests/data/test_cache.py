@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from mlray.data.cache import EpochCache, _nbytes
+from mlray.data.cache import EpochCache
 
 
 def _stream(n, batch, size=4):
@@ -60,7 +60,9 @@ def test_a_copy_over_its_limit_is_dropped_and_everyone_streams():
 
 def test_rows_past_the_memory_budget_replay_from_local_disk_and_leave_no_file(tmp_path):
     """Memory first, then one unlinked file: the replay is the same rows as from memory."""
-    first_two = sum(_nbytes(b) for b in list(_stream(50, 16))[:2])
+    probe = EpochCache(2**20)
+    list(probe.record(list(_stream(50, 16))[:2]))
+    first_two = probe.nbytes  # what the first two batches take in memory, as the cache counts it
     mixed = EpochCache(first_two, disk_limit=2**20, directory=str(tmp_path), seed=3)
     streamed = list(mixed.record(_stream(50, 16)))
     in_memory = EpochCache(2**20, seed=3)

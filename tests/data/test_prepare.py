@@ -7,13 +7,12 @@ import os
 import shutil
 import uuid
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from mlray.io import storage
 from mlray.cli import main
-from mlray.io.manifest import LABELS_KEY, ManifestError, read_manifest, write_manifest
+from mlray.io.manifest import LABELS_KEY, read_manifest
 from mlray.data.prepare import prepare
 from mlray.data.sources import SourceError
 
@@ -23,6 +22,7 @@ def _rows(csv_path):
         return [line.rstrip("\n") for line in f]
 
 
+@pytest.mark.slow  # the S3 server
 @pytest.mark.parametrize("pack", [False, True])
 def test_prepare_csv_to_s3_reads_back_with_plain_pyarrow(mosaics, bucket, s3_server, pack):
     root, csv_path = mosaics
@@ -175,6 +175,7 @@ def test_coco_import_keeps_images_without_annotations(mosaics, tmp_path):
     assert got[f"images/{names[2]}"] == []
 
 
+@pytest.mark.slow  # the S3 server
 def test_images_root_on_s3(mosaics, bucket, tmp_path):
     root, csv_path = mosaics
     storage.upload_dir(os.path.join(root, "images"), f"{bucket}/raw/images")
@@ -239,54 +240,6 @@ def test_coco_that_is_not_coco(tmp_path, mosaics):
     assert "annotations[0]" in msg and "image_id 2" in msg
 
 
-def test_read_back_validates_the_contract(tmp_path):
-    import pyarrow as pa
-
-    from mlray.io.manifest import build_table, schema_with_vocab
-
-    t = build_table(["a", "b"], ["/x/a.jpg", "/x/b.jpg"], [["cat"], ["dog"]])
-    with pytest.raises(ManifestError, match="labels not in the vocabulary: \\['dog'\\]"):
-        write_manifest(t, ["cat"], str(tmp_path / "m"))
-    dup = build_table(["a", "a"], ["/x/a.jpg", "/x/b.jpg"], [["cat"], []])
-    path = tmp_path / "dup.parquet"
-    pq.write_table(dup.replace_schema_metadata(schema_with_vocab(dup.schema, ["cat"]).metadata), path)
-    with pytest.raises(ManifestError, match="duplicate image_id values.*'a'"):
-        read_manifest(str(path))
-    nometa = tmp_path / "nometa.parquet"
-    pq.write_table(t, nometa)
-    with pytest.raises(ManifestError, match="mlray.labels"):
-        read_manifest(str(nometa))
-    rel = build_table(["a"], ["imgs/a.jpg"], [["cat"]])
-    write_manifest(rel, ["cat"], str(tmp_path / "rel"))
-    back, _ = read_manifest(str(tmp_path / "rel"))
-    assert back.column("uri")[0].as_py() == str(tmp_path / "rel" / "imgs" / "a.jpg")
-    bad_type = pa.table({"image_id": [1, 2], "uri": ["a", "b"], "labels": [["cat"], []]})
-    p3 = tmp_path / "badtype.parquet"
-    pq.write_table(bad_type.replace_schema_metadata(schema_with_vocab(bad_type.schema, ["cat"]).metadata), p3)
-    with pytest.raises(ManifestError, match="'image_id' has type int64"):
-        read_manifest(str(p3))
-
-
-def test_packed_row_groups_stay_near_their_size_whatever_the_write_size(tmp_path):
-    """A packed row group is what one training read task decodes: 2,000 images
-    written as one table still become many ~8 MB groups, none over the limit by more
-    than one image, and every row is there once."""
-    from mlray.io.manifest import PACKED_ROW_GROUP_BYTES, build_table
-
-    rng = np.random.default_rng(0)
-    n, size = 200, 200_000  # 40 MB of incompressible "images" in one table
-    blobs = [rng.bytes(size) for _ in range(n)]
-    ids = [f"img_{i:04d}.jpg" for i in range(n)]
-    files = write_manifest(build_table(ids, [None] * n, [["cat"]] * n, splits=["train"] * n, images=blobs),
-                           ["cat"], str(tmp_path / "m"))
-    groups = [(md.num_rows, md.total_byte_size) for f in files
-              for md in (pq.ParquetFile(f).metadata.row_group(g) for g in range(pq.ParquetFile(f).metadata.num_row_groups))]
-    assert len(groups) >= 40_000_000 // PACKED_ROW_GROUP_BYTES
-    assert all(b <= PACKED_ROW_GROUP_BYTES + size + 4096 for _, b in groups), groups
-    assert sum(r for r, _ in groups) == n
-    back, _ = read_manifest(str(tmp_path / "m"), with_images=True)
-    assert sorted(back.column("image_id").to_pylist()) == ids
-
 
 # ---- where the images are: relative paths, file://, a manifest moved or synced to S3 ----
 
@@ -338,6 +291,7 @@ def test_relative_images_and_out_store_uris_relative_to_the_manifest(mosaics, tm
     assert len(_every_uri_reads(str(tmp_path / "out" / "m"))) == len(rows)
 
 
+@pytest.mark.slow
 def test_a_manifest_moved_or_synced_to_s3_with_its_images_still_reads(mosaics, tmp_path, monkeypatch, bucket,
                                                                       s3_server):
     """The relative layout travels: the folder holding the manifest and its images
