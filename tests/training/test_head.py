@@ -47,7 +47,7 @@ def test_head_from_embeddings_is_a_normal_run_and_rescoring_is_exactly_once(trai
     aside.mkdir()
     for p in parts[:2]:
         shutil.move(os.path.join(emb_out, p), aside / p)
-    labelled, _ = read_manifest(manifest)
+    labelled, vocab = read_manifest(manifest)
     fit_ids = {i for i, s in zip(labelled.column("image_id").to_pylist(), labelled.column("split").to_pylist())
                if s in ("train", "val")}  # the test split is not needed to fit a head
     gone = len(gone_ids & fit_ids)
@@ -59,6 +59,10 @@ def test_head_from_embeddings_is_a_normal_run_and_rescoring_is_exactly_once(trai
     head_doc = json.load(open(os.path.join(new_run, "head.json")))
     assert head_doc["computed"] == gone and head_doc["source_run"] == run
     assert "embeddings" in res.format() and str(gone) in res.format()
+    # the new head's validation profile, the reference its tag runs check drift against
+    n_val = labelled.column("split").to_pylist().count("val")
+    profile = rundir.read_val_profile(new_run, len(vocab))
+    assert profile["images"] == n_val and profile["epoch"] == res.best_epoch
 
     # a normal run directory: predict scores images with the source backbone and the new head
     p_new, p_src = Predictor.load(new_run, "cpu"), Predictor.load(run, "cpu")
@@ -88,7 +92,13 @@ def test_head_from_embeddings_is_a_normal_run_and_rescoring_is_exactly_once(trai
     pq.write_table(err, os.path.join(emb_out, "part-error.parquet"))
     s2 = tag(new_run, emb_out, out, TagOptions(from_embeddings=True, incremental=True))
     assert s2.rows_written == n + 1 - s1.rows_written and s2.rows_with_errors == 1
+    # rescoring counts drift too: over the rows written now, the error row in none
+    assert s2.drift["checked"] and s2.drift["incremental"] and s2.drift["images"] == s2.rows_written - 1
     t = pq.read_table(out)
+    before = set(pq.read_table(half).column("image_id").to_pylist())
+    now = [r["labels"] or [] for r in t.to_pylist() if r["image_id"] not in before]
+    assert {k: d["count"] for k, d in s2.drift["labels"].items()} == {
+        k: sum(k in r for r in now) for k in s2.drift["labels"]}
     assert t.num_rows == n + 1 == len(set(t.column("image_id").to_pylist()))
     broken = t.filter(pa.compute.equal(t.column("image_id"), "broken.jpg")).to_pylist()[0]
     assert broken["error"] == "decode: truncated" and broken["scores"] is None
