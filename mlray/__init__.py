@@ -2,12 +2,13 @@
 
 The jobs, as Python functions (each also a command: ``mlray --help``)::
 
-    from mlray import prepare, train, evaluate, tag, train_head, Predictor, load_config
+    from mlray import prepare, train, evaluate, tag, train_head, audit, Predictor, load_config
 
     prepare("labels.csv", "s3://bucket/images", "s3://bucket/manifest", pack=True)
     result = train(load_config("jobs/configs/demo.yaml", ["optim.epochs=3"]))
     evaluate(result.run_dir, "s3://bucket/manifest", "test")
     tag(result.run_dir, "s3://bucket/new/", "s3://bucket/tags/")
+    audit("s3://bucket/manifest", result.run_dir, "s3://bucket/audit/")  # suspects, report, fixes.csv
     Predictor.load(result.run_dir).scores(images)  # uint8 (N, H, W, 3) -> (N, C)
 
 Importing ``mlray`` is light: each name is imported on first use (torch, timm
@@ -30,6 +31,8 @@ _API = {
     "TagOptions": "mlray.tagging.job",
     "train_head": "mlray.training.head",
     "HeadOptions": "mlray.training.head",
+    "audit": "mlray.audit.job",
+    "AuditOptions": "mlray.audit.job",
     "Predictor": "mlray.model.predictor",
     "load_config": "mlray.config",
     "Config": "mlray.config",
@@ -38,6 +41,7 @@ _API = {
 __all__ = sorted(_API)
 
 if TYPE_CHECKING:
+    from mlray.audit.job import AuditOptions, audit
     from mlray.config import Config, load_config
     from mlray.data.prepare import prepare
     from mlray.evaluation.report import evaluate

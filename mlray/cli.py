@@ -1,4 +1,4 @@
-"""The ``mlray`` command: prepare, stats, train, evaluate, predict, tag, head, demo.
+"""The ``mlray`` command: prepare, stats, train, evaluate, predict, tag, head, audit, demo.
 
     mlray prepare labels.csv --images s3://bucket/images --out s3://bucket/manifest --pack
     mlray stats s3://bucket/manifest
@@ -8,6 +8,12 @@
     mlray tag --model RUN --input s3://bucket/new/ --out s3://bucket/tags/ --embeddings
     mlray head --model RUN --embeddings s3://bucket/tags/ --manifest M2 --out s3://bucket/runs/new-labels
     mlray tag --model s3://bucket/runs/new-labels --from-embeddings s3://bucket/tags/ --out s3://bucket/tags2/
+    mlray audit --manifest M --model RUN --out s3://bucket/audit/ --embeddings s3://bucket/tags/
+    mlray prepare --fixes s3://bucket/audit/fixes.csv --manifest M --out M2
+
+Exit status: 0 done, 1 failed, 2 refused (bad input, named on one line), 130 or
+143 interrupted by SIGINT (Ctrl-C) or SIGTERM (``ray job stop``, a scheduler),
+after one line saying how to continue; what was written stays.
 """
 
 from __future__ import annotations
@@ -17,19 +23,29 @@ import dataclasses
 import json
 import sys
 
-from mlray.config import ConfigError, option_flag
+from mlray.config import DEFAULT_RESOURCE_WAIT, ConfigError, option_flag
 from mlray.io.lease import LeaseHeld
 from mlray.io.manifest import ManifestError
 from mlray.data.sources import SourceError
 from mlray.io.storage import StorageError
+from mlray.resources import ResourceError
+from mlray.runtime import catch_interrupts, interrupt_status, stop_ray
 from mlray.tagging.job import TagError
 
-USER_ERRORS = (ConfigError, LeaseHeld, ManifestError, SourceError, StorageError, TagError, ValueError, FileNotFoundError)
+USER_ERRORS = (ConfigError, LeaseHeld, ManifestError, ResourceError, SourceError, StorageError, TagError, ValueError,
+               FileNotFoundError)
+# what an interrupted command keeps, and how to go on (``main``)
+RERUN = "what was written is complete and kept; run the same command again to continue"
 
 
 def _prepare(args: argparse.Namespace) -> int:
     from mlray.data.prepare import prepare
     from mlray.data.stats import format_stats
+
+    if args.fixes or args.manifest:
+        return _prepare_fixes(args)
+    if not args.source or not args.images:
+        raise ConfigError("mlray prepare needs a label SOURCE and --images (or --fixes FIXES.csv --manifest M)")
 
     result = prepare(
         args.source, args.images, args.out, split=args.split, seed=args.seed, pack=args.pack,
@@ -40,6 +56,19 @@ def _prepare(args: argparse.Namespace) -> int:
     if result.missing:
         print(f"skipped {len(result.missing)} rows whose image does not exist, e.g. {result.missing[:5]}")
     print(f"manifest: {args.out} ({len(result.files)} file(s), {result.stats['images']} images)")
+    return 0
+
+
+def _prepare_fixes(args: argparse.Namespace) -> int:
+    from mlray.data.fixes import apply_fixes
+
+    if not (args.fixes and args.manifest):
+        raise ConfigError("--fixes FIXES.csv and --manifest M go together: the fixes are applied to M's labels")
+    if args.source or args.images:
+        raise ConfigError("--fixes applies reviewed label changes to --manifest; it takes no SOURCE or --images")
+    result = apply_fixes(args.manifest, args.fixes, args.out)
+    print(result.format())
+    print(f"manifest: {args.out} ({len(result.files)} file(s), {result.rows} images)")
     return 0
 
 
@@ -66,6 +95,12 @@ def _train(args: argparse.Namespace) -> int:
         if not args.config:
             raise ConfigError("mlray train needs --config CONFIG.yaml (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.overrides)
+    from mlray.model.rundir import run_dir
+    from mlray.training.trainer import has_checkpoint, resolve_paths
+
+    directory = run_dir(resolve_paths(cfg))
+    args.rerun = lambda: (f"the checkpoints written so far are kept; continue with: mlray train --resume {directory}"
+                          if has_checkpoint(directory) else "no epoch had finished; run the same command again")
     result = train(cfg, resume=bool(args.resume))
     best = result.best
     if best:
@@ -78,8 +113,9 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from mlray.evaluation.report import evaluate, format_summary
 
+    wait = None if args.resource_wait == float("inf") else args.resource_wait
     doc = evaluate(args.run, args.manifest, args.split, args.out, batch_size=args.batch_size, num_gpus=args.num_gpus,
-                   precision=args.precision)
+                   precision=args.precision, resource_wait=wait)
     print(format_summary(doc))
     return 1 if doc["collapse"]["collapsed"] and args.fail_on_collapse else 0
 
@@ -126,6 +162,14 @@ def _head(args: argparse.Namespace) -> int:
 
     opts = _options(HeadOptions, args, overrides=args.overrides)
     print(train_head(args.model, args.embeddings, args.manifest, args.out, opts).format())
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from mlray.audit.job import AuditOptions, audit
+
+    opts = _options(AuditOptions, args, overrides=args.overrides)
+    print(audit(args.manifest, args.model, args.out, args.embeddings, opts).format())
     return 0
 
 
@@ -176,15 +220,17 @@ def _precision_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mlray.audit.job import AuditOptions
     from mlray.tagging.job import TagOptions
     from mlray.training.head import HeadOptions
 
     p = argparse.ArgumentParser(prog="mlray", description="Multi-label image classification on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    pr = sub.add_parser("prepare", help="label source + images -> Parquet manifest with splits and report")
-    pr.add_argument("source", help="one-hot CSV, label-list CSV/Parquet, or COCO instances JSON (local or s3://)")
-    pr.add_argument("--images", required=True, help="root that filenames are relative to (local or s3://)")
+    pr = sub.add_parser("prepare", help="label source + images -> Parquet manifest with splits and report; "
+                        "or --fixes: a manifest with reviewed label fixes applied")
+    pr.add_argument("source", nargs="?", help="one-hot CSV, label-list CSV/Parquet, or COCO instances JSON (local or s3://)")
+    pr.add_argument("--images", help="root that filenames are relative to (local or s3://); needed with SOURCE")
     pr.add_argument("--out", required=True, help="manifest directory to write (local or s3://)")
     pr.add_argument("--split", default="train=0.8,val=0.1,test=0.1", help="split fractions (default %(default)s)")
     pr.add_argument("--seed", type=int, default=0)
@@ -195,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--labels-column", help="column holding label lists (default: detected)")
     pr.add_argument("--label-names", help="label names file: one per line, or a CSV with a Labels column")
     pr.add_argument("--concurrency", type=int, default=32, help="parallel image reads")
+    pr.add_argument("--fixes", metavar="FIXES.csv", help="apply the kept rows of an audit's fixes.csv to --manifest "
+                    "(same ids, splits and order) and write the result to --out")
+    pr.add_argument("--manifest", help="with --fixes: the manifest the audit ran on")
     pr.set_defaults(func=_prepare)
 
     st = sub.add_parser("stats", help="dataset report of a manifest")
@@ -216,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="report directory (default RUN/report/SPLIT)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--num-gpus", type=float, default=0.0, help="GPUs for the scoring actor (1 on a GPU machine)")
+    ev.add_argument("--resource-wait", type=float, nargs="?", const=float("inf"), default=DEFAULT_RESOURCE_WAIT,
+                    metavar="SECONDS", help="on a cluster, seconds to wait for the scoring actor to fit (nodes being "
+                    "added) before failing; no value: forever (default %(default)s)")
     _precision_flag(ev)
     ev.add_argument("--fail-on-collapse", action="store_true", help="exit 1 when the model is no better than trivial")
     ev.set_defaults(func=_evaluate)
@@ -235,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--from-embeddings", metavar="TAGS_OUT",
                      help="rescore the embeddings a `tag --embeddings` run stored in TAGS_OUT; no image is read")
     tg.add_argument("--out", required=True, help="output Parquet directory (local or s3://)")
-    add_options(tg, TagOptions, wait={"nargs": "?", "const": float("inf"), "metavar": "SECONDS"})
+    add_options(tg, TagOptions, wait={"nargs": "?", "const": float("inf"), "metavar": "SECONDS"},
+                resource_wait={"nargs": "?", "const": float("inf"), "metavar": "SECONDS"})
     _precision_flag(tg)
     tg.set_defaults(func=_tag)
 
@@ -248,6 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     hd.add_argument("overrides", nargs="*", help="key=value for the new run's config, e.g. loss.name=bce")
     hd.set_defaults(func=_head)
 
+    au = sub.add_parser("audit", help="rank the label errors of a manifest (out-of-fold heads on embeddings): "
+                        "suspects, an HTML report and a fixes.csv for `prepare --fixes`")
+    au.add_argument("--manifest", required=True, help="labelled manifest to audit (ids, labels, content hashes)")
+    au.add_argument("--model", required=True, help="run whose backbone embeds the images (and whose loss fits the heads)")
+    au.add_argument("--out", required=True, help="audit directory: suspects.parquet, report.html, fixes.csv, ...")
+    au.add_argument("--embeddings", metavar="TAGS_OUT", help="OUT of a `mlray tag --embeddings` run with RUN's "
+                    "backbone; images it lacks are embedded now (default: all are)")
+    add_options(au, AuditOptions)
+    au.add_argument("overrides", nargs="*", help="key=value for the heads' config, e.g. loss.name=bce")
+    au.set_defaults(func=_audit)
+
     dm = sub.add_parser("demo", help="compose a data set from packaged images, then prepare, train, evaluate, tag")
     dm.add_argument("--config", default="jobs/configs/demo.yaml")
     dm.add_argument("--out", default="out/demo")
@@ -259,11 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    catch_interrupts()
     try:
         return args.func(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C, or SIGTERM (``ray job stop``): one line, then the embedded Ray stops (a
+        # cluster ends this job's actors as it disconnects); leases were released on the way out
+        name, status = interrupt_status()
+        rerun = getattr(args, "rerun", RERUN)
+        print(f"interrupted ({name}): {rerun() if callable(rerun) else rerun}", file=sys.stderr, flush=True)
+        stop_ray()
+        return status
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Builders read the config; classes below them take plain arguments.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 import yaml
@@ -20,6 +21,9 @@ from mlray.io import storage
 # Scoring precisions of tag, evaluate and predict (``factory.scoring_dtype``): the
 # run's mixed precision (auto), fp32 everywhere, or bf16 everywhere (CPU included).
 PRECISIONS = ("auto", "fp32", "bf16")
+# Seconds a job on a cluster waits for its workers to fit before failing: time for
+# an autoscaler to start GPU nodes, with room to spare (scaling.resource_wait, --resource-wait).
+DEFAULT_RESOURCE_WAIT = 600.0
 
 
 class ConfigError(ValueError):
@@ -124,16 +128,30 @@ class ScalingConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines, so Ray Data keeps CPUs")
-    gpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(
+        1.0, gt=0, description="GPUs per training worker with use_gpu: 1 (DDP runs one process per GPU; raise "
+        "num_workers for more GPUs)",
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    resource_wait: float | None = Field(
+        DEFAULT_RESOURCE_WAIT, ge=0,
+        description="seconds a job on a cluster waits for its workers to fit (the autoscaler adding nodes) before "
+        "it fails saying what it waited for; null = as long as it takes. The embedded local Ray refuses what "
+        "does not fit at once",
+    )
 
     @model_validator(mode="after")
-    def _whole_gpus(self) -> "ScalingConfig":
-        if self.use_gpu and self.gpus_per_worker != int(self.gpus_per_worker):
-            raise ValueError(
-                f"scaling.gpus_per_worker={self.gpus_per_worker}: DDP workers talk over NCCL, which needs a "
-                "whole GPU per worker (two workers on one GPU fail at the first collective); use 1"
-            )
+    def _one_gpu_per_worker(self) -> "ScalingConfig":
+        # A worker is one DDP rank, and a rank drives one GPU: with more, the others
+        # would sit idle while billed; with a fraction, two ranks share a GPU, and
+        # NCCL fails at the first collective.
+        if self.use_gpu and self.gpus_per_worker != 1:
+            g = self.gpus_per_worker
+            why = (f"the other GPUs would sit idle; raise scaling.num_workers instead (num_workers="
+                   f"{math.ceil(self.num_workers * g)} uses as many GPUs)" if g > 1
+                   else "two workers sharing a GPU fail at NCCL's first collective")
+            raise ValueError(f"scaling.gpus_per_worker={g:g}: a training worker is one DDP process driving one "
+                             f"GPU, so use 1: {why}")
         return self
 
 

@@ -3,6 +3,10 @@
 With ``RAY_ADDRESS`` set (``ray job submit`` sets it for the entrypoint) the job
 joins that cluster; without it, a fresh local Ray starts inside the process
 (``address="local"`` ignores a stale ``ray_current_cluster`` file).
+
+Ctrl-C and SIGTERM stop every command within seconds (``catch_interrupts``): the
+signal raises ``Interrupted`` in the main thread, the job unwinds (leases are
+released, what was written stays), and the embedded Ray is stopped.
 """
 
 from __future__ import annotations
@@ -10,7 +14,13 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 # glibc malloc settings for the processes that run models and decode images.
@@ -102,8 +112,9 @@ def quiet_console() -> None:
 def init_ray(num_cpus: int | None = None, quiet: bool = False, training: bool = False) -> None:
     """Join the cluster of ``RAY_ADDRESS``, or start the embedded local Ray.
 
-    ``quiet`` (the tagging job, whose console shows a progress bar): Ray's own
-    INFO and deprecation lines are dropped, and on the embedded Ray the worker
+    Ray's INFO lines on the driver are dropped. ``quiet`` (the tagging job,
+    whose console shows a progress bar): Ray Data's INFO and Ray's deprecation
+    lines are dropped too, and on the embedded Ray the worker
     processes' output (worker-count and actor-restart notes, per-operator
     messages) goes to Ray's session logs only, not to the console. Errors
     still reach the console: they come back as exceptions.
@@ -133,7 +144,9 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False, training: bool = 
         ctx.enable_progress_bars = False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
-    level = {"logging_level": logging.WARNING} if quiet else {}
+    # Ray's INFO lines on the driver ("Started a local Ray instance", ...) tell a user
+    # nothing, and would stand beside a job's one-line refusal
+    level = {"logging_level": logging.WARNING}
     if address:
         _EMBEDDED["started"] = False
         ray.init(address=address, log_to_driver=True, **level)
@@ -161,6 +174,81 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False, training: bool = 
         )
         atexit.unregister(_stop_embedded_ray)
         atexit.register(_stop_embedded_ray)  # runs before Ray's own exit hook, registered when ray was imported
+    if _SIGNALS["installed"]:
+        catch_interrupts()
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; raised in the main thread where it was. A
+    ``KeyboardInterrupt``, so libraries treat it as Ctrl-C (Ray cancels what it waits on)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_SIGNALS: dict = {"installed": False, "received": None}
+
+
+def _on_signal(signum: int, frame) -> None:
+    if _SIGNALS["received"] is not None:  # a second one while unwinding: leave now
+        os._exit(128 + _SIGNALS["received"])
+    _SIGNALS["received"] = signum
+    raise Interrupted(signum)
+
+
+def catch_interrupts() -> None:
+    """SIGINT and SIGTERM raise ``Interrupted`` in the main thread from now on; a
+    second signal exits at once. ``init_ray`` installs them again after Ray's own
+    start-up, which sets a SIGTERM handler that exits without unwinding."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+    _SIGNALS["installed"] = True
+
+
+def interrupt_status(default: int = signal.SIGINT) -> tuple[str, int]:
+    """The signal that interrupted the job, and the exit status a shell gives it (130 for SIGINT, 143 for SIGTERM)."""
+    signum = _SIGNALS["received"] or default
+    return signal.Signals(signum).name, 128 + signum
+
+
+def run_interruptible(fn: Callable[[], T]) -> T:
+    """``fn()`` on a helper thread while the main thread waits for it, so that
+    signals reach the main thread's handlers. Ray Train's ``fit()`` on the main
+    thread installs a SIGINT handler of its own that waits for the train
+    controller to abort, and the controller does not answer while it waits for
+    resources: Ctrl-C did nothing there. An ``Interrupted`` leaves ``fn`` running
+    until the process stops Ray (``stop_ray``)."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="mlray-job", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def stop_ray() -> None:
+    """End this process's part in Ray now: the embedded Ray stops with its
+    workers; a cluster job disconnects, and Ray ends the actors and placement
+    groups it started."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    if _EMBEDDED["started"]:
+        _stop_embedded_ray()
+    ray.shutdown()
 
 
 def _stop_embedded_ray() -> None:

@@ -1,4 +1,8 @@
-"""Shared fixtures: a real S3 server, real images, a real local Ray."""
+"""Shared fixtures: a real S3 server, real images, a real local Ray.
+
+Two tiers: ``pytest -m "not slow"`` runs the unit tier, which starts neither Ray
+nor the S3 server; every test that starts Ray, trains, runs a job in a subprocess
+or needs the S3 server is marked ``slow``. ``make test`` runs both."""
 
 from __future__ import annotations
 
@@ -13,6 +17,26 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from servers import S3Server  # noqa: E402
+
+# Fixtures that start Ray (directly or through a training run) or the S3 server
+# (``bucket`` too, through it): only slow tests may use them.
+SLOW_FIXTURES = ("local_ray", "trained_run", "ray_head", "s3_server")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Keep the unit tier free of Ray and of the S3 server: a test that asks for a
+    fixture that starts one, and is not marked slow, stops the collection with its name."""
+    unmarked = [
+        f"  {item.nodeid} uses {', '.join(f for f in SLOW_FIXTURES if f in item.fixturenames)}"
+        for item in items
+        if item.get_closest_marker("slow") is None and any(f in item.fixturenames for f in SLOW_FIXTURES)
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests that start Ray or the S3 server must be marked @pytest.mark.slow (the unit tier, "
+            "-m 'not slow', starts neither):\n" + "\n".join(unmarked)
+        )
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "mlray"
 LAYERS = [
     {"io"},
     {"config"},
-    {"runtime", "progress"},
+    {"runtime", "progress", "resources"},
     {"data"},
     {"model"},
     {"evaluation"},

@@ -15,7 +15,9 @@ would deal the rows out afresh. With one worker it is a full shuffle of the spli
 
 Where the copy lives: a worker holds its share, ``rows x image_size² x 3`` bytes
 of decoded images, in memory up to ``data.cache_mb`` (auto: a quarter of the
-memory available when the worker starts, divided among the workers on its node);
+memory available when the worker starts, divided among the workers on its node;
+in a container, what its cgroup's memory limit leaves if that is less, since a
+Kubernetes pod is killed at its limit however much memory the node has);
 the rows past that spill to one file on local disk, up to ``data.cache_disk_mb``
 (auto: a quarter of the free space of ``data.cache_dir``, the system temp
 directory by default, divided the same way). Only tensor columns spill (the
@@ -39,13 +41,90 @@ import numpy as np
 import torch
 
 AUTO_MEMORY_SHARE = 0.25
+# a limit at or above this is "no limit" (cgroup v1 writes 2**63 rounded down to a page)
+_UNLIMITED = 2**60
+
+
+def _read_int(path: str) -> int | None:
+    """The number in a cgroup file; None when missing, unreadable or ``max``."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _inactive_file(directory: str) -> int:
+    """Page cache the kernel drops before it kills (``inactive_file`` in ``memory.stat``:
+    v1's hierarchical ``total_inactive_file`` first)."""
+    found: dict[str, int] = {}
+    try:
+        with open(os.path.join(directory, "memory.stat")) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key in ("total_inactive_file", "inactive_file") and value.strip().isdigit():
+                    found[key] = int(value)
+    except OSError:
+        return 0
+    return found.get("total_inactive_file", found.get("inactive_file", 0))
+
+
+def _cgroup_dirs(root: str, proc_cgroup: str) -> list[str]:
+    """This process's memory cgroup directory and its ancestors under ``root``: the
+    v1 ``memory`` hierarchy when there is one, else the v2 unified one. Inside a
+    container the cgroup is usually mounted as ``root`` itself (its path in
+    ``/proc/self/cgroup`` is then ``/`` or does not exist under ``root``)."""
+    base, path = root, "/"
+    try:
+        with open(proc_cgroup) as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
+        lines = []
+    v1 = [p for _, controllers, p in lines if "memory" in controllers.split(",")]
+    if v1 or os.path.isdir(os.path.join(root, "memory")):
+        base, path = os.path.join(root, "memory"), (v1[0] if v1 else "/")
+    else:
+        path = next((p for h, controllers, p in lines if h == "0" and controllers == ""), "/")
+    parts = [p for p in path.split("/") if p]
+    dirs = [os.path.join(base, *parts[:i]) for i in range(len(parts), -1, -1)]
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def cgroup_memory_left(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """Bytes this process's cgroups let it take before the smallest of their memory
+    limits: ``limit - (usage - inactive page cache)`` from cgroup v2's ``memory.max``
+    and ``memory.current``, or v1's ``memory.limit_in_bytes`` and
+    ``memory.usage_in_bytes``; None where no cgroup sets a limit (or there are no
+    cgroup files, as on macOS)."""
+    left = None
+    for d in _cgroup_dirs(root, proc_cgroup):
+        limit = _read_int(os.path.join(d, "memory.max"))
+        usage = _read_int(os.path.join(d, "memory.current"))
+        if limit is None and usage is None:
+            limit = _read_int(os.path.join(d, "memory.limit_in_bytes"))
+            usage = _read_int(os.path.join(d, "memory.usage_in_bytes"))
+        if limit is None or limit >= _UNLIMITED:
+            continue
+        used = max(0, (usage or 0) - _inactive_file(d))
+        here = max(0, limit - used)
+        left = here if left is None else min(left, here)
+    return left
+
+
+def available_memory(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int:
+    """Memory this process can still use: the node's available memory, or what its
+    cgroup's limit leaves (``cgroup_memory_left``) when that is less."""
+    import psutil
+
+    node = int(psutil.virtual_memory().available)
+    left = cgroup_memory_left(root, proc_cgroup)
+    return node if left is None else min(node, left)
 
 
 def auto_limit_bytes(workers_on_node: int) -> int:
-    """``data.cache_mb`` auto: this share of the node's available memory, per worker."""
-    import psutil
-
-    return int(psutil.virtual_memory().available * AUTO_MEMORY_SHARE / max(1, workers_on_node))
+    """``data.cache_mb`` auto: this share of the available memory (``available_memory``), per worker."""
+    return int(available_memory() * AUTO_MEMORY_SHARE / max(1, workers_on_node))
 
 
 def limit_bytes(cache_mb: float | None, workers_on_node: int) -> int:

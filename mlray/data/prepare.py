@@ -6,12 +6,15 @@ Steps: read the source (one-hot CSV, label lists, or COCO), check every image
 exists (one listing of the image root, not one request per file), hash each
 image's bytes so copies of one picture stay in one split, assign splits by
 multi-label iterative stratification, and write Parquet parts (optionally with
-the image bytes packed in) plus the dataset report.
+the image bytes packed in) plus the dataset report. Local images are stored relative to a local manifest's
+directory (``stored_uris``), so neither depends on the directory prepare ran in.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -61,6 +64,34 @@ def _missing(uris: list[str], images_root: str) -> list[int]:
     return out
 
 
+def stored_uris(uris: list[str], under_images: list[bool], out: str, packed: bool) -> list[str]:
+    """The ``uri`` values to store for images at ``uris`` in a manifest written to ``out``.
+
+    With the manifest and the images both on local disk, images named relative to
+    ``--images`` are stored relative to the manifest's directory (``../images/x.jpg``):
+    the manifest reads the same from any working directory, and a folder holding
+    both can be moved or synced (to S3 too) as one. Anything else stays absolute.
+    """
+    out_dir = storage.local_path(out)
+    if out_dir is None:
+        local = [u for u in uris if storage.local_path(u) is not None]
+        if local and not packed:
+            print(f"note: the manifest {out} points to images on this machine's disk (e.g. {local[0]}): only "
+                  "nodes that see that path can read them; --pack stores the images in the manifest",
+                  file=sys.stderr)
+        return list(uris)
+    out_uris = []
+    for u, rel in zip(uris, under_images):
+        path = storage.local_path(u)
+        if rel and path is not None:
+            try:
+                u = os.path.relpath(path, out_dir).replace(os.sep, "/")
+            except ValueError:  # another drive (Windows): no relative path exists
+                pass
+        out_uris.append(u)
+    return out_uris
+
+
 def _hash_all(uris: list[str], keep: bool, concurrency: int) -> tuple[list[str], list[bytes] | None]:
     hashes: list[str] = []
     cache: list[bytes] | None = [] if keep else None
@@ -101,8 +132,9 @@ def prepare(
     if len(src) == 0:
         raise SourceError(f"{source}: no rows")
     _check_unique(src)
-    uris = [storage.absolute(f, images) for f in src.filenames]
-    missing_idx = _missing(uris, images)
+    root = storage.local_path(images) or images  # a relative --images means the current directory's
+    uris = [storage.normalize(storage.absolute(f, root)) for f in src.filenames]
+    missing_idx = _missing(uris, root)
     missing = [src.filenames[i] for i in missing_idx]
     if missing and not skip_missing:
         shown = "\n  ".join(f"row {src.rows[i]}: {uris[i]}" for i in missing_idx[:20])
@@ -115,6 +147,7 @@ def prepare(
     keep = [i for i in range(len(src)) if i not in gone]
     if not keep:
         raise SourceError(f"{source}: none of the {len(src)} images exist under {images}")
+    given_relative = [not ("://" in f or os.path.isabs(f)) for f in src.filenames]
     ids = [src.filenames[i] for i in keep]
     uris = [uris[i] for i in keep]
     labels = [src.labels[i] for i in keep]
@@ -135,7 +168,8 @@ def prepare(
         for i, s in zip(todo, assigned):
             splits[i] = s
 
-    meta = build_table(ids, uris, labels, splits=splits, content_hashes=hashes)
+    meta = build_table(ids, stored_uris(uris, [given_relative[i] for i in keep], out, pack), labels,
+                       splits=splits, content_hashes=hashes)
     stats = manifest_stats(meta, src.vocab)
     stats["source"] = source
     stats["missing_images"] = missing

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mlray.config import DEFAULT_RESOURCE_WAIT
 from mlray.io import storage
 from mlray.evaluation.metrics import average_precision_per_label
 
@@ -171,38 +172,63 @@ def render_html(title: str, metrics: dict, collapse: dict, table: pa.Table, plot
         for r in sorted(table.to_pylist(), key=lambda r: -(r["support"]))
     )
     imgs = "".join(
-        f'<h2>{html.escape(name.replace("_", " "))}</h2><img alt="{name}" src="data:image/png;base64,'
-        f'{base64.b64encode(png).decode()}">'
+        f'<h2>{html.escape(name.replace("_", " "))}</h2><img alt="{name}" src="{data_uri(png, "image/png")}">'
         for name, png in plots.items()
     )
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
-td:first-child{{text-align:left}}.warn{{background:#fee;border:1px solid #c33;padding:1em}}img{{max-width:100%}}</style>
-</head><body><h1>{html.escape(title)}</h1>{warn}
-<h2>Metrics beside doing nothing</h2><table><tr><th>metric</th><th>model</th><th>label prior</th><th>all negative</th></tr>
-{''.join(rows)}</table>{strat}{imgs}
-<h2>Per label</h2><table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{body}</table></body></html>"""
+    body = (f"<h1>{html.escape(title)}</h1>{warn}<h2>Metrics beside doing nothing</h2><table><tr><th>metric</th>"
+            f"<th>model</th><th>label prior</th><th>all negative</th></tr>{''.join(rows)}</table>{strat}{imgs}"
+            f"<h2>Per label</h2><table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{body}</table>")
+    return page(title, body)
+
+
+PAGE_STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+td:first-child{text-align:left}.warn{background:#fee;border:1px solid #c33;padding:1em}img{max-width:100%}"""
+
+
+def page(title: str, body: str, style: str = "") -> str:
+    """A self-contained HTML page (no JavaScript, nothing fetched): mlray's reports
+    (``evaluate``, ``audit``) share this frame and style; ``style``: more CSS."""
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{PAGE_STYLE}{style}</style></head><body>{body}</body></html>")
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    """``data:`` URI of some bytes: how reports inline their pictures."""
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def evaluate(run: str, manifest: str, split: str = "test", out: str | None = None, *,
              batch_size: int = 64, compare_strategies: bool = True, num_gpus: float = 0.0,
-             precision: str = "auto") -> dict:
+             precision: str = "auto", resource_wait: float | None = DEFAULT_RESOURCE_WAIT) -> dict:
     """Score ``split`` and write the report; returns the metrics dict. ``num_gpus``:
     GPUs of the scoring actor (1 on a GPU machine; it then scores in the run's
     mixed precision, ``factory.amp_dtype``). ``precision``: ``auto``, ``fp32`` or
     ``bf16`` (``factory.scoring_dtype``); evaluate in the precision you tag in, so
-    the thresholds compared on the validation split are those tagging will meet."""
+    the thresholds compared on the validation split are those tagging will meet.
+    First, a sample of the manifest's images must exist, and the scoring actor
+    must fit (on a cluster: within ``resource_wait`` seconds; None: no limit)."""
     from mlray.config import training_facts
     from mlray.evaluation.validation import compare_strategies as compare
     from mlray.evaluation.validation import judge
+    from mlray.io.manifest import check_uris
     from mlray.model.rundir import load_artifacts, read_history
-    from mlray.model.scoring import score_splits
+    from mlray.model.scoring import score_splits, scoring_actor_cpus
+    from mlray.resources import Demand, ensure_resources
+    from mlray.runtime import init_ray
 
     art = load_artifacts(run)
     out = out or storage.join(run, "report", split)
     val_split = art.config.data.val_split
     compare_on = compare_strategies and split != val_split
+    check_uris(manifest, splits=[split, val_split] if compare_on else [split], flag="--manifest")
+    init_ray()
+    cpus = scoring_actor_cpus(num_gpus)
+    ensure_resources(Demand(what="scoring actor", count=1, per={"CPU": cpus, "GPU": num_gpus},
+                            count_key="one scoring actor",
+                            keys={"CPU": f"{cpus:g} CPU", **({"GPU": f"--num-gpus {num_gpus:g}"} if num_gpus else {})},
+                            wait_key="--resource-wait"),
+                     resource_wait, gpu_flag=f"--num-gpus {num_gpus:g}")
     scored_all = score_splits(run, manifest, [split, val_split] if compare_on else [split], batch_size=batch_size,
                               num_gpus=num_gpus, precision=precision)
     scored = scored_all[split]

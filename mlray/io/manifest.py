@@ -4,10 +4,13 @@ The label vocabulary (its order defines multi-hot positions) travels in the sche
 metadata under ``mlray.labels``, so a manifest read by any tool is self-describing.
 A manifest is one Parquet file or a directory/prefix of them; ``write_manifest``
 always writes a directory of ``part-*.parquet`` files plus ``_stats.json``.
+``check_uris`` tells, before a job starts, whether the rows' images are where
+their ``uri`` says.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 from collections.abc import Sequence
@@ -28,6 +31,7 @@ REQUIRED = {"image_id": pa.string(), "uri": pa.string(), "labels": pa.list_(pa.s
 OPTIONAL = {"split": pa.string(), "image": pa.binary(), "content_hash": pa.string()}
 COLUMN_ORDER = ("image_id", "uri", "labels", "split", "content_hash", "image")
 STATS_FILE = "_stats.json"
+URI_SAMPLE = 32  # rows whose image ``check_uris`` looks for, spread over the manifest
 
 # Row groups of several MB: large GETs from object storage, and small enough that
 # the training stream can read them as shuffle units in a fresh random order each
@@ -42,11 +46,14 @@ class ManifestError(ValueError):
     """The manifest breaks the contract; the message names the file, row or key."""
 
 
-def schema_with_vocab(schema: pa.Schema, vocab: Sequence[str], row_order: str | None = None) -> pa.Schema:
+def schema_with_vocab(schema: pa.Schema, vocab: Sequence[str], row_order: str | None = None,
+                      extra: dict[bytes, bytes] | None = None) -> pa.Schema:
+    """``schema`` with the vocabulary (and row order, and ``extra`` keys) in its metadata."""
     meta = dict(schema.metadata or {})
     meta[LABELS_KEY] = json.dumps(list(vocab)).encode()
     if row_order is not None:
         meta[ROW_ORDER_KEY] = row_order.encode()
+    meta.update(extra or {})
     return schema.with_metadata(meta)
 
 
@@ -181,11 +188,14 @@ class ManifestWriter:
     Packed rows are grouped into row groups of about ``PACKED_ROW_GROUP_BYTES``
     and files of about ``PACKED_FILE_BYTES``; memory holds one row group. Each
     file appears atomically when complete; ``close`` removes parts of an older
-    manifest at ``out`` that this write did not replace.
+    manifest at ``out`` that this write did not replace. ``metadata``: more schema
+    metadata keys (e.g. what ``prepare --fixes`` changed).
     """
 
-    def __init__(self, out: str, vocab: Sequence[str], *, row_order: str | None = None):
+    def __init__(self, out: str, vocab: Sequence[str], *, row_order: str | None = None,
+                 metadata: dict[bytes, bytes] | None = None):
         self.out, self.vocab, self.row_order = out, list(vocab), row_order
+        self.metadata = dict(metadata or {})
         self.files: list[str] = []
         self._stale = set(storage.list_files(out, (".parquet",))) if storage.exists(out) else set()
         self._buffer: list[pa.Table] = []
@@ -200,7 +210,7 @@ class ManifestWriter:
         validate(table, self.vocab, self.out, check_unique=False)
         table = _order(table).replace_schema_metadata(None)
         if self._schema is None:
-            self._schema = schema_with_vocab(table.schema, self.vocab, self.row_order)
+            self._schema = schema_with_vocab(table.schema, self.vocab, self.row_order, self.metadata)
         table = table.cast(self._schema)
         packed = "image" in table.column_names
         limit_bytes = PACKED_ROW_GROUP_BYTES if packed else 1 << 62
@@ -308,12 +318,25 @@ def read_manifest(uri: str, *, with_images: bool = False, check: bool = True) ->
 
 
 def manifest_base(uri: str) -> str:
-    """The directory that relative ``uri`` values of the manifest at ``uri`` are relative to."""
-    return uri if storage.is_dir(uri) else storage.parent(uri)
+    """The directory that relative ``uri`` values of the manifest at ``uri`` are relative to.
+
+    Local paths come back absolute: Ray workers resolve URIs in other working directories.
+    """
+    base = uri if storage.is_dir(uri) else storage.parent(uri)
+    return base if "://" in base else storage.local_path(base)
+
+
+# A relative URI with '.' or '..' segments ('../images/x.jpg' from `mlray prepare`
+# when the images sit beside the manifest's directory).
+_DOT_SEGMENT = r"(^|/)\.\.?(/|$)"
 
 
 def absolute_uris(table: pa.Table, base: str) -> pa.Table:
-    """``table`` with its relative ``uri`` values (the contract allows them) joined to ``base``."""
+    """``table`` with its relative ``uri`` values (the contract allows them) joined to ``base``.
+
+    ``.``/``..`` segments are resolved, so ``../images/x.jpg`` reads the same from
+    a local directory and from an S3 prefix (object stores take ``..`` literally).
+    """
     if "uri" not in table.column_names:
         return table
     uris = table.column("uri")
@@ -321,6 +344,18 @@ def absolute_uris(table: pa.Table, base: str) -> pa.Table:
     if not pc.any(relative).as_py():
         return table
     fixed = pc.if_else(relative, pc.binary_join_element_wise(base.rstrip("/"), uris, "/"), uris)
+    dotted = pc.and_(relative, pc.match_substring_regex(uris, _DOT_SEGMENT))
+    if pc.any(dotted).as_py():
+        rows = fixed.to_pylist()
+        for i in pc.indices_nonzero(pc.fill_null(dotted, False)).to_pylist():
+            try:
+                rows[i] = storage.normalize(rows[i])
+            except storage.StorageError as e:
+                raise ManifestError(
+                    f"manifest {base}: uri {uris[i].as_py()!r} resolves to {e}; "
+                    "store absolute URIs for images outside the manifest's bucket"
+                ) from e
+        fixed = pa.array(rows, pa.string())
     return table.set_column(table.column_names.index("uri"), "uri", fixed)
 
 
@@ -338,3 +373,61 @@ def multi_hot(labels: pa.ListArray | pa.ChunkedArray, vocab: Sequence[str]) -> n
     keep = idx >= 0
     out[rows[keep], idx[keep]] = 1
     return out
+
+
+def _fully_packed(uri: str) -> bool:
+    """Whether every row of the manifest carries its image bytes, from the Parquet
+    footers' statistics (no image is read)."""
+    for f in manifest_files(uri):
+        fs, path = storage.resolve(f)
+        meta = storage.retrying(lambda: pq.read_metadata(path, filesystem=fs), f)
+        names = meta.schema.to_arrow_schema().names
+        if "image" not in names:
+            return False
+        col = names.index("image")
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(col).statistics
+            if stats is None or not stats.has_null_count or stats.null_count:
+                return False
+    return True
+
+
+def check_uris(uri: str, table: pa.Table | None = None, *, splits: Sequence[str] | None = None,
+               rows: np.ndarray | None = None, flag: str = "--manifest", sample: int = URI_SAMPLE) -> int:
+    """Look for the images of ``sample`` rows spread evenly over the manifest (of
+    ``splits`` only, when given) and raise ``ManifestError`` naming ``flag``, the
+    first row whose image does not exist and the directory relative ``uri`` values
+    are resolved against: a manifest written with paths relative to somewhere
+    else fails here, not after a job has started. Rows that carry their bytes
+    (packed) need no check. ``table``: the manifest as ``read_manifest`` gave it
+    (absolute ``uri`` values), to avoid reading it again; ``rows``: a mask of its
+    rows to sample from (those a job will read). Returns the rows checked."""
+    has_images = "image" in first_schema(uri).names
+    if has_images and _fully_packed(uri):
+        return 0
+    if table is None or (has_images and "image" not in table.column_names):
+        # some rows packed, some not (not what `mlray prepare` writes): which is which takes the bytes
+        table, _ = read_manifest(uri, with_images=has_images, check=False)
+    rows = np.ones(table.num_rows, bool) if rows is None else np.asarray(rows, bool).copy()
+    if splits is not None and "split" in table.column_names:
+        rows = pc.is_in(table.column("split"), pa.array(list(splits), pa.string())).to_numpy(zero_copy_only=False)
+    if "image" in table.column_names:
+        rows &= pc.is_null(table.column("image")).to_numpy(zero_copy_only=False)
+    uris = table.column("uri")
+    rows &= pc.is_valid(uris).to_numpy(zero_copy_only=False)
+    candidates = np.flatnonzero(rows)
+    if not len(candidates):
+        return 0
+    picks = candidates[np.unique(np.linspace(0, len(candidates) - 1, min(sample, len(candidates))).round().astype(int))]
+    wanted = [uris[int(i)].as_py() for i in picks]
+    with concurrent.futures.ThreadPoolExecutor(min(16, len(wanted))) as pool:
+        found = list(pool.map(storage.exists, wanted))
+    for i, u, ok in zip(picks, wanted, found):
+        if not ok:
+            image_id = table.column("image_id")[int(i)].as_py()
+            raise ManifestError(
+                f"{flag} {uri}: row {int(i)} ({image_id}): {u} does not exist (the first missing of {len(picks)} rows "
+                f"checked across the manifest); relative uri values are resolved against the manifest's directory, "
+                f"{manifest_base(uri)}: write them relative to it, or absolute"
+            )
+    return len(picks)

@@ -198,6 +198,41 @@ def absolute(uri: str, base_dir: str) -> str:
     return join(base_dir, uri)
 
 
+def local_path(uri: str) -> str | None:
+    """The absolute filesystem path of a local path or ``file://`` URI (a relative
+    one taken from the current directory); None for a remote URI."""
+    if is_remote(uri):
+        return None
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def normalize(uri: str) -> str:
+    """``uri`` with its ``.`` and ``..`` segments resolved lexically.
+
+    Object stores do not resolve them (the key ``a/../b`` is an object of its
+    own), so a relative URI that climbs out of its prefix is resolved here; one
+    that climbs above its bucket is an error naming it.
+    """
+    if not is_remote(uri):
+        scheme = "file://" if uri.startswith("file://") else ""
+        path = os.path.normpath(uri[len(scheme) :])
+        return scheme + (path[1:] if path.startswith("//") else path)  # POSIX keeps a leading '//'
+    scheme, rest = uri.split("://", 1)
+    bucket, _, key = rest.partition("/")
+    out: list[str] = []
+    for seg in key.split("/"):
+        if seg == ".":
+            continue
+        if seg == "..":
+            if not out:
+                raise StorageError(f"{uri}: '..' climbs above the bucket {scheme}://{bucket}")
+            out.pop()
+            continue
+        out.append(seg)  # empty segments stay: 'a//b' is a key of its own
+    return f"{scheme}://{bucket}/" + "/".join(out)
+
+
 def file_type(uri: str) -> pafs.FileType:
     fs, path = resolve(uri)
     return retrying(lambda: fs.get_file_info(path).type, uri)

@@ -19,6 +19,7 @@ full passes of jitter and normalisation, because:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -78,6 +79,19 @@ def jitter_factors(n: int, strength: float, device: torch.device | str = "cpu",
     return 1 + strength * (2 * torch.rand(3, n, device=device, generator=generator) - 1)
 
 
+@functools.lru_cache(maxsize=64)
+def device_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``mean``, ``std``, ``LUMA`` and the 3x3 identity as tensors on ``device``, made
+    once per (values, device, dtype): ``torch.tensor(..., device="cuda")`` copies
+    from pageable host memory, a host-device sync, and ``color_transform`` needs them
+    every batch. Read-only: callers never write into them."""
+    def made(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device)
+
+    return made(mean), made(std), made(LUMA), torch.eye(3, dtype=dtype).to(device)
+
+
 def color_transform(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
                     factors: torch.Tensor | None = None) -> torch.Tensor:
     """Float (N, 3, H, W) in [0, 255], channels-last -> normalised ``(v - mean) / std``
@@ -91,14 +105,11 @@ def color_transform(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, 
     dev = x.device
     with torch.autocast(dev.type, enabled=False):  # inputs stay float32 under a caller's autocast
         pix = x.permute(0, 2, 3, 1).reshape(n, -1, 3)  # a view: channels-last is NHWC in memory
-        mean_t = torch.tensor(mean, device=dev, dtype=x.dtype)
-        std_t = torch.tensor(std, device=dev, dtype=x.dtype)
+        mean_t, std_t, luma, eye = device_constants(tuple(mean), tuple(std), dev, x.dtype)
         if factors is None:
             out = pix.mul_(1 / (255 * std_t)).sub_(mean_t / std_t)
         else:
             b, c, s = factors.to(device=dev, dtype=x.dtype)
-            luma = torch.tensor(LUMA, device=dev, dtype=x.dtype)
-            eye = torch.eye(3, device=dev, dtype=x.dtype)
             # rows act on a pixel's (r, g, b): v_out = (c b) (s v + (1 - s) g(v)) + (1 - c) m
             mix = s.view(n, 1, 1) * eye + (1 - s).view(n, 1, 1) * luma.view(1, 3, 1)  # (in, out): v @ mix
             mat = mix * (c * b).view(n, 1, 1) / (255 * std_t).view(1, 1, 3)

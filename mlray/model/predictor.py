@@ -46,6 +46,10 @@ class Predictor:
 
         self.art = art
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            # scoring batches have one size (the last of a job aside): cuDNN times its
+            # convolution algorithms once per shape and keeps the fastest
+            torch.backends.cudnn.benchmark = True
         cfg = art.config
         model = create_model(cfg.model.model_copy(update={"pretrained": "none"}), len(art.vocab))
         model.load_state_dict(rundir.load_weights(rundir.scoring_weights(art.directory)))

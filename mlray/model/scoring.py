@@ -4,7 +4,8 @@
 ``error`` and ``image`` (decoded) or ``encoded`` (bytes, decoded in the actor next
 to the model: ``device_decode``); every input row yields one row of the tagging
 contract (``mlray.io.tagged``). ``score_splits`` scores splits of a manifest for
-``evaluate`` and ``audit``.
+``evaluate`` and ``audit``, decoding them as the run's training did on that
+hardware (``data.decode``), so the thresholds tuned there meet the same pixels.
 """
 
 from __future__ import annotations
@@ -23,6 +24,21 @@ from mlray.model.rundir import load_artifacts
 
 
 MODEL_DOES_NOT_LOAD = "the model does not load in the scoring actor"
+# Images per scoring call when none is asked: a GPU needs batches of hundreds to
+# be busy (an actor scores one batch at a time there), a CPU scores 64 as fast as
+# more, with less memory held per call.
+BATCH_SIZE = {"cpu": 64, "gpu": 256}
+
+
+def default_batch_size(num_gpus: float) -> int:
+    """Images per scoring call for an actor with ``num_gpus`` GPUs."""
+    return BATCH_SIZE["gpu" if num_gpus else "cpu"]
+
+
+def scoring_actor_cpus(num_gpus: float, actor_cpus: float | None = None) -> float:
+    """CPUs a scoring actor asks Ray for: ``actor_cpus`` when given, else 1 beside a
+    GPU (it feeds the GPU) and 0.5 on CPU (decode tasks keep the rest)."""
+    return actor_cpus if actor_cpus is not None else (1.0 if num_gpus else 0.5)
 
 
 class ScoreBatches:
@@ -68,14 +84,20 @@ class ScoreBatches:
                     self.decoder = Decoder(self.predictor.size, self.predictor.device, threads=self.decode_threads)
             images, errs = self.decoder(list(batch["encoded"]), list(batch["error"]))
             errors = np.array(errs, dtype=object)
-            ok = np.array([e == "" for e in errors], dtype=bool)
-            images = images[torch.from_numpy(ok).to(images.device)]
         else:
-            errors = batch["error"]
-            ok = np.array([e == "" for e in errors], dtype=bool)
-            images = batch["image"][ok]
+            images, errors = batch["image"], batch["error"]
+        ok = np.array([e == "" for e in errors], dtype=bool)
         n = len(errors)
-        scores, feats = self.predictor.scores_and_embeddings(images, embeddings=self.embeddings)
+        if self.predictor.device.type == "cuda" or ok.all():
+            # every row, one shape: no boolean mask on the device (a sync), no new
+            # shape for cuDNN to time; the failed rows' scores are dropped on the host
+            scores, feats = self.predictor.scores_and_embeddings(images, embeddings=self.embeddings)
+            if not ok.all():
+                scores, feats = scores[ok], (feats[ok] if feats is not None else None)
+        else:  # on a CPU a row not scored is time saved
+            scores, feats = self.predictor.scores_and_embeddings(images[torch.from_numpy(ok)]
+                                                                 if torch.is_tensor(images) else images[ok],
+                                                                 embeddings=self.embeddings)
         uris = pa.array([u or None for u in batch["uri"].tolist()], pa.string()) if "uri" in batch else None
         cols = score_rows(
             pa.array(batch["image_id"].tolist(), pa.string()), uris,
@@ -96,18 +118,19 @@ MAX_CPU_CALLS = 4  # batches a CPU scoring actor scores at once
 
 
 def score_dataset(
-    ds, directory: str, *, batch_size: int = 64, concurrency: int = 1, num_gpus: float = 0.0,
+    ds, directory: str, *, batch_size: int | None = None, concurrency: int = 1, num_gpus: float = 0.0,
     actor_cpus: float | None = None, threshold: float | None = None, top_k: int | None = None,
     with_targets: bool = False, progress=None, embeddings: bool = False, precision: str = "auto",
 ):
     """Append the actor pool that scores rows: decoded (``image``) or encoded
     (``encoded``: decoded in the actor), with ``error`` and ids; ``progress`` (a
-    ``mlray.progress.counter``) is told the rows of every batch."""
+    ``mlray.progress.counter``) is told the rows of every batch. ``batch_size``
+    None: ``default_batch_size(num_gpus)``."""
     from ray.data import ActorPoolStrategy
 
     from mlray.runtime import worker_runtime_env
 
-    cpus = actor_cpus if actor_cpus is not None else (1.0 if num_gpus else 0.5)
+    cpus = scoring_actor_cpus(num_gpus, actor_cpus)
     # On CPU an actor scores several batches at once, each on its share of the
     # cores, rather than one batch on all of them: fewer threads meeting at an
     # OpenMP barrier every layer, and one batch's Python work (arrays, Arrow
@@ -125,7 +148,7 @@ def score_dataset(
             "progress": progress, "embeddings": embeddings,
             "decode_threads": 4 if num_gpus else max(1, int(os.cpu_count() or 1)), "precision": precision,
         },
-        batch_size=batch_size,
+        batch_size=batch_size or default_batch_size(num_gpus),
         batch_format="numpy",
         compute=ActorPoolStrategy(size=concurrency, max_concurrent_calls_per_actor=calls,
                                    enable_true_multi_threading=calls > 1),
@@ -143,13 +166,16 @@ class Scored:
     errors: list[tuple[str, str]]
 
 
-def score_splits(run: str, manifest: str, splits: Sequence[str], *, batch_size: int = 64, concurrency: int = 1,
-                 num_gpus: float = 0.0, precision: str = "auto") -> dict[str, Scored]:
+def score_splits(run: str, manifest: str, splits: Sequence[str], *, batch_size: int | None = None,
+                 concurrency: int = 1, num_gpus: float = 0.0, precision: str = "auto") -> dict[str, Scored]:
     """Score some splits of a manifest with the run's model, in one Ray Data
     pipeline (one model actor pool, however many splits), in ``precision``
-    (``factory.scoring_dtype``)."""
+    (``factory.scoring_dtype``). Images are decoded where the run's training
+    decoded them on the same hardware (``data.decode``, resolved for ``num_gpus``):
+    by CPU tasks, or next to the model (nvJPEG on a GPU)."""
     from mlray.data.pipeline import image_dataset
     from mlray.io.manifest import read_vocab
+    from mlray.model.device_decode import resolve_mode
     from mlray.runtime import init_ray
 
     art = load_artifacts(run)
@@ -161,7 +187,8 @@ def score_splits(run: str, manifest: str, splits: Sequence[str], *, batch_size: 
         )
     init_ray()
     ds = image_dataset(manifest, list(splits), size=art.config.data.image_size, vocab=vocab,
-                       keep=("image_id", "uri", "split"))
+                       keep=("image_id", "uri", "split"),
+                       decode=resolve_mode(art.config.data.decode, num_gpus, "train"))
     ds = score_dataset(ds, run, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus, with_targets=True,
                        precision=precision)
     rows: dict[str, dict[str, list]] = {s: {"ids": [], "scores": [], "targets": [], "errors": []} for s in splits}

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mlray.config import PRECISIONS, check_options, option
+from mlray.config import DEFAULT_RESOURCE_WAIT, PRECISIONS, check_options, option
 from mlray.io import storage, tagged
 from mlray.io.lease import Lease
 from mlray.io.manifest import first_schema, manifest_files
@@ -59,7 +59,8 @@ class TagError(RuntimeError):
 class TagOptions:
     """``mlray tag``'s options: defaults, flags, help and ranges in one place (the CLI reads them)."""
 
-    batch_size: int = option(64, "images per scoring call", low=1, integer=True)
+    batch_size: int | None = option(None, "images per scoring call (default 64 on CPU, 256 with --num-gpus)",
+                                    low=1, integer=True, type=int)
     concurrency: int = option(1, "model actors (one per GPU on clusters)", low=1, integer=True)
     num_gpus: float = option(0.0, "GPUs per model actor (1 on GPU clusters)", low=0)
     actor_cpus: float | None = option(None, "CPUs per model actor (default 0.5 on CPU, 1 with GPUs)", type=float)
@@ -72,6 +73,8 @@ class TagOptions:
     fetch_concurrency: int = option(16, "parallel reads inside a decode task", low=1, integer=True)
     wait: float = option(0.0, "wait (up to SECONDS, default forever) for another job writing OUT, instead of "
                          "refusing", low=0)
+    resource_wait: float = option(DEFAULT_RESOURCE_WAIT, "on a cluster, seconds to wait for the scoring actors to "
+                                  "fit (nodes being added) before failing; no value: forever", low=0)
     allow_model_change: bool = option(False, "add rows of this model to an OUT that holds another model's or "
                                       "vocabulary's rows")
     retry_errors: bool = option(False, "tag again the rows whose error was missing:")
@@ -217,6 +220,31 @@ def check_model(model: str, *, load: bool = False) -> "RunArtifacts | Predictor"
     return art
 
 
+def check_resources(opts: TagOptions) -> None:
+    """The scoring actors fit this Ray (``mlray.resources``; with ``--num-gpus``, a
+    GPU's torch can use it); the embedded Ray refuses at once, a cluster waits up
+    to ``--resource-wait``. Rescoring embeddings runs in plain tasks: nothing to check."""
+    import math
+
+    from mlray.model.scoring import scoring_actor_cpus
+    from mlray.resources import Demand, ResourceError, ensure_resources
+
+    if opts.from_embeddings:
+        return
+    cpus = scoring_actor_cpus(opts.num_gpus, opts.actor_cpus)
+    demand = Demand(
+        what="scoring actors", count=opts.concurrency, per={"CPU": cpus, "GPU": opts.num_gpus},
+        count_key=f"--concurrency {opts.concurrency}",
+        keys={"CPU": f"--actor-cpus {cpus:g}", **({"GPU": f"--num-gpus {opts.num_gpus:g}"} if opts.num_gpus else {})},
+        wait_key="--resource-wait",
+    )
+    try:
+        ensure_resources(demand, None if math.isinf(opts.resource_wait) else opts.resource_wait,
+                         gpu_flag=f"--num-gpus {opts.num_gpus:g}")
+    except ResourceError as e:
+        raise TagError(str(e)) from None
+
+
 def _vocab_text(vocab: list[str]) -> str:
     head = ", ".join(vocab[:4]) + (", ..." if len(vocab) > 4 else "")
     return f"{len(vocab)} labels: {head}"
@@ -295,6 +323,7 @@ def _tag_locked(art: RunArtifacts, model: str, input_uri: str, out: str, opts: T
     state = _read_out(out, art, model, input_uri, opts)
     inp = _describe_input(input_uri, opts)
     init_ray(quiet=True)
+    check_resources(opts)
     work = _plan(state, inp, opts)
     n_dups, dropped = _repair(state, work)
     plan_seconds = time.time() - t0

@@ -17,17 +17,20 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from mlray.config import check_options, option
 from mlray.io import storage
 from mlray.io.manifest import is_packed, manifest_files
 from mlray.io.tagged import check_backbone, embedding_parts, lookup_embeddings
 from mlray.model import rundir
+
+if TYPE_CHECKING:
+    import torch
 
 HEAD_FILE = "head.json"  # how a head-only run was made: source run, embeddings, counts, options
 
@@ -126,6 +129,8 @@ def fit_head(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], cfg, positi
              opts: HeadOptions) -> tuple[torch.nn.Linear, int, list[dict]]:
     """Train a linear head on ``x["train"]``; keep the pass with the best val mAP.
     Returns (head, best pass, per-pass records)."""
+    import torch
+
     from mlray.training.losses import create_loss
     from mlray.evaluation.metrics import average_precision_per_label, multilabel_metrics
     from mlray.model.factory import init_linear
@@ -178,9 +183,11 @@ def fit_head(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], cfg, positi
 def train_head(model: str, embeddings: str, manifest: str, out: str, opts: HeadOptions | None = None) -> HeadResult:
     """Train a head for ``manifest``'s labels on the embeddings in ``embeddings``
     (a tag OUT), on ``model``'s backbone; write the run directory ``out``."""
+    import torch
+
     from mlray.config import training_facts
     from mlray.model.predictor import Predictor
-    from mlray.io.manifest import multi_hot, read_manifest
+    from mlray.io.manifest import check_uris, multi_hot, read_manifest
     from mlray.evaluation.validation import tune_and_judge
 
     opts = opts or HeadOptions()
@@ -188,6 +195,12 @@ def train_head(model: str, embeddings: str, manifest: str, out: str, opts: HeadO
     t0 = time.time()
     if storage.exists(storage.join(out, rundir.WEIGHTS)):
         raise ValueError(f"--out {out} already holds a run (model.safetensors); choose a new run directory")
+    if opts.device and opts.device.startswith("cuda"):
+        from mlray.resources import ResourceError, cuda_problem, gpu_facts
+
+        problem = cuda_problem(gpu_facts(), f"--device {opts.device}")
+        if problem:
+            raise ResourceError(problem)
     # unfolded: the new run's weights file is this model's state dict with the new head
     predictor = Predictor.load(model, None if opts.device in (None, "auto") else opts.device, fuse=False)
     state, info = embedding_parts(embeddings)
@@ -203,6 +216,7 @@ def train_head(model: str, embeddings: str, manifest: str, out: str, opts: HeadO
     ids = table.column("image_id").combine_chunks()
     emb, have = lookup_embeddings(state.files, ids, predictor.embedding_dim)
     want = ~have & np.isin(splits, [cfg.data.train_split, cfg.data.val_split])
+    check_uris(manifest, table, rows=want, flag="--manifest")  # only the images to embed are read
     computed, unreadable = 0, []
     if want.any():
         print(f"{int(want.sum())} labelled images have no embedding in {embeddings}: embedding them from their images")

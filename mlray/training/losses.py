@@ -5,6 +5,12 @@ sum over labels averaged over images, so the gradient per logit does not shrink
 as the vocabulary grows (a mean over N*C would divide it by C: 1000 labels,
 1000x smaller steps). Computed in float32 even under autocast.
 
+Each takes an optional per-row ``weight`` (N,): the average over images is then
+weighted, ``sum(w_i * loss_i) / sum(w_i)`` (0 when every weight is 0). Training
+gives rows that failed to decode weight 0, so a batch keeps its shape (no
+recompile under ``torch.compile``, no device sync for a boolean mask) and its
+loss is that of its good rows alone.
+
 * ``bce_weighted``: ``pos_weight = negatives / positives`` per label from the
   training split, clipped to ``[1, max_pos_weight]``.
 * ``focal`` (Lin et al. 2017): down-weights easy examples by ``(1 - p_t)^gamma``.
@@ -25,8 +31,14 @@ from torch import nn
 from mlray.config import LossConfig
 
 
-def _reduce(per_element: torch.Tensor) -> torch.Tensor:
-    return per_element.sum(dim=1).mean()
+def _reduce(per_element: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    per_row = per_element.sum(dim=1)
+    if weight is None:
+        return per_row.mean()
+    w = weight.to(per_row.dtype)
+    total = w.sum()
+    # on the device, no branch on the host: an all-zero batch gives 0 (and zero gradients)
+    return (per_row * w).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
 class BCELoss(nn.Module):
@@ -34,9 +46,10 @@ class BCELoss(nn.Module):
         super().__init__()
         self.register_buffer("pos_weight", pos_weight, persistent=False)
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         return _reduce(
-            F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=self.pos_weight, reduction="none")
+            F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=self.pos_weight, reduction="none"),
+            weight,
         )
 
 
@@ -45,7 +58,7 @@ class FocalLoss(nn.Module):
         super().__init__()
         self.gamma, self.alpha = gamma, alpha
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         x, y = logits.float(), targets.float()
         ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
         p = torch.sigmoid(x)
@@ -53,7 +66,7 @@ class FocalLoss(nn.Module):
         loss = ce * (1 - p_t).pow(self.gamma)
         if self.alpha is not None:
             loss = loss * (self.alpha * y + (1 - self.alpha) * (1 - y))
-        return _reduce(loss)
+        return _reduce(loss, weight)
 
 
 class AsymmetricLoss(nn.Module):
@@ -61,7 +74,7 @@ class AsymmetricLoss(nn.Module):
         super().__init__()
         self.gamma_neg, self.gamma_pos, self.clip, self.eps = gamma_neg, gamma_pos, clip, eps
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         x, y = logits.float(), targets.float()
         p = torch.sigmoid(x)
         p_neg = (p - self.clip).clamp(min=0) if self.clip > 0 else p
@@ -71,7 +84,7 @@ class AsymmetricLoss(nn.Module):
             pos = pos * (1 - p).pow(self.gamma_pos)
         if self.gamma_neg > 0:
             neg = neg * p_neg.pow(self.gamma_neg)
-        return _reduce(-(pos + neg))
+        return _reduce(-(pos + neg), weight)
 
 
 def pos_weight_from_counts(positives: Sequence[float], n_images: int, max_weight: float) -> torch.Tensor:

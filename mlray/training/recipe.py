@@ -10,8 +10,16 @@ and a ``Dist`` for the collectives, so all of it runs and is tested without Ray;
 
 Workers get the same number of steps: Ray's equal split gives them the same
 number of rows, but not always the same number of batches (ray-project/ray
-#66085), so before each step the workers agree (an all-reduce of one flag) that
-all of them still have a batch.
+#66085). An epoch that streams is known to end only when it ends, so before each
+of its steps the workers agree that all of them still have a batch: one vote
+host to host, on a gloo group (``Dist``), which never waits for the GPU. An
+epoch replayed from the cache knows its rows: the workers agree once how many
+full batches all of them have, and step that many times without asking.
+
+A step never changes shape: rows that failed to decode stay in their batch with
+loss weight 0 (``training.losses``), so ``torch.compile`` never recompiles on
+one rank while the others wait in NCCL, and no boolean mask makes the host
+wait on the device. ``cudnn.benchmark`` is on for the GPU: input sizes are fixed.
 """
 
 from __future__ import annotations
@@ -60,30 +68,45 @@ class _State:
 
 
 class Dist:
-    """The few collectives the loop needs; no-ops on one worker (``world`` 1)."""
+    """The few collectives the loop needs; no-ops on one worker (``world`` 1).
+
+    They exchange host values (flags, counts, sums, objects), so they run host to
+    host on a gloo group of their own, made here (every rank constructs its
+    ``Dist`` at the same point): on the NCCL group of GPU training each would copy
+    its value to the GPU and read it back, a sync that waits for every kernel
+    queued before it. ``votes`` counts the agreements asked (``all_have``,
+    ``agree_min``)."""
 
     def __init__(self, world: int, device: torch.device):
         self.world, self.device = world, device
+        self.votes = 0
+        self.group = torch.distributed.new_group(backend="gloo") if world > 1 else None
+
+    def agree_min(self, value: int) -> int:
+        """The smallest ``value`` over the workers."""
+        self.votes += 1
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        return int(t.item())
 
     def all_have(self, has: bool) -> bool:
-        if self.world == 1:
-            return has
-        t = torch.tensor([1 if has else 0], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        return bool(t.item())
+        """Whether every worker says ``has``."""
+        return self.agree_min(1 if has else 0) > 0
 
     def sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
             return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
+        t = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t, group=self.group)
         return t.tolist()
 
     def gather(self, obj):
         if self.world == 1:
             return [obj]
         out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
+        torch.distributed.all_gather_object(out, obj, group=self.group)
         return out
 
 
@@ -92,19 +115,59 @@ def _error_rows(batch: dict) -> list[tuple[str, str]]:
     return [(i, e) for i, e in zip(batch["image_id"], batch["error"]) if e]
 
 
-def _good_rows(batch: dict, ok: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images and targets of the rows marked ``ok`` (all rows when None). A
-    batch whose rows all decoded, the usual case, passes as it is: a boolean mask
-    would copy it, and on a GPU (images decoded there) make the host wait."""
-    if ok is None or ok.all():
-        return batch["image"], batch["target"]
-    keep = torch.from_numpy(ok)
-    return batch["image"][keep.to(batch["image"].device)], batch["target"][keep.to(batch["target"].device)]
+def _masked_rows(batch: dict, ok: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(images, targets, per-row loss weight) of a batch, every row kept, so the
+    step's shapes never change. Rows that failed to decode get weight 0 and the
+    pixels of the batch's first good row (zeros would enter BatchNorm's batch
+    statistics); with no good row the batch stays as it is, all weights 0. The
+    usual batch, all rows decoded, passes as it is with weight None: no copy,
+    nothing sent to the device."""
+    from mlray.model.augment import to_device
+
+    if ok.all():
+        return batch["image"], batch["target"], None
+    images = batch["image"]
+    if ok.any():
+        source = np.where(ok, np.arange(len(ok)), int(np.argmax(ok)))
+        images = images[to_device(torch.from_numpy(source), images.device)]  # a gather: no sync, unlike a mask
+    return images, batch["target"], to_device(torch.from_numpy(ok.astype(np.float32)), device)
 
 
-def _batches(source, dist: Dist, skipped_errors: list, *, batch_size: int, decoded=lambda b: b):
-    """Yield full batches of ``source`` (``batch_size`` rows, the last may be short)
-    while *every* worker still has one.
+class InputClock:
+    """Iterates over a stream of batches, adding up the seconds spent blocked on
+    its next batch (``wait``; ``first_wait``: the first one, the stream starting
+    up): input wait, and nothing else (not the step agreement, not the step)."""
+
+    def __init__(self, source: Iterable[dict]):
+        self._it = iter(source)
+        self.wait = self.first_wait = 0.0
+        self.batches = 0
+
+    def __iter__(self) -> "InputClock":
+        return self
+
+    def __next__(self) -> dict:
+        t0 = time.perf_counter()
+        try:
+            batch = next(self._it)
+        finally:
+            waited = time.perf_counter() - t0
+            self.wait += waited
+        if self.batches == 0:
+            self.first_wait = waited
+        self.batches += 1
+        return batch
+
+
+def _batches(source, dist: Dist, skipped_errors: list, *, batch_size: int, decoded=lambda b: b,
+             steps: int | None = None):
+    """Yield full batches of ``source`` (``batch_size`` rows, the last may be short),
+    the same number on every worker.
+
+    ``steps``: how many full batches every worker is known to have (a replayed
+    epoch, counted once for all of them): that many are yielded without asking.
+    None (a streamed epoch, whose end is known only when it comes): before each
+    batch the workers agree that every one of them still has one (``Dist.all_have``).
 
     Rows that are not trained on (the short last batch, and what a worker has
     left when another one ran out) are still read to the end, so that their
@@ -112,13 +175,22 @@ def _batches(source, dist: Dist, skipped_errors: list, *, batch_size: int, decod
     only those that happened to fall in a trained batch.
     """
     it = iter(source)
+    done = 0
     while True:
         batch = next(it, None)
         full = batch is not None and len(batch["image_id"]) == batch_size
-        if not dist.all_have(full):
+        if steps is None:
+            go = dist.all_have(full)
+        else:
+            go = done < steps
+            if go and not full:
+                raise RuntimeError(f"this worker's epoch ended after {done} full batches of {batch_size}, "
+                                   f"though every worker was agreed to have {steps}")
+        if not go:
             for rest in ([batch] if batch is not None else []) + list(it):
                 skipped_errors += _error_rows(decoded(rest))
             return
+        done += 1
         yield batch
 
 
@@ -200,6 +272,10 @@ class Recipe:
         self.autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else contextlib.nullcontext
         # fp16 overflows where bf16 does not: its gradients need loss scaling
         self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        if device.type == "cuda":
+            # every step has the same shapes (bad rows are masked, not dropped): cuDNN
+            # times its convolution algorithms once, at the first step, and keeps the fastest
+            torch.backends.cudnn.benchmark = True
         if dtype is not None and rank == 0:
             _say(f"mixed precision: {str(dtype).removeprefix('torch.')} autocast"
                  + (" with loss scaling (this GPU has no native bf16)" if self.scaler else ""))
@@ -260,6 +336,8 @@ class Recipe:
         ema = read(rundir.EMA_FILE) if self.ema is not None else None
         if ema is not None:
             self.ema.module.load_state_dict(load(ema))
+        if self.scaler is not None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])  # fp16's loss scale, as it had grown or backed off
         self.state = _State(**{k: saved[k] for k in ("epoch", "step", "best_map", "bad_epochs", "restarts", "history")})
         self.state.restarts += 1
 
@@ -303,13 +381,16 @@ class Recipe:
             self.ema.update(self.model, step=self.state.step)
 
     # ---- train_epoch
-    def train_epoch(self, epoch: int, batches) -> EpochStats:
-        """Steps over ``batches``. Rows that failed to decode are left out and listed;
-        a batch with no good row still runs forward and backward with a zero loss,
-        so DDP workers stay in lockstep and the epoch loss stays finite. A partial
-        accumulation group at the end is dropped (its gradient zeroed): the LR
-        schedule counts whole groups, and an unsynchronised DDP gradient must not
-        be stepped or carried into the next epoch."""
+    def train_epoch(self, epoch: int, batches, clock: InputClock | None = None) -> EpochStats:
+        """Steps over ``batches``. Rows that failed to decode are listed and weigh 0 in
+        the loss (a batch keeps its shape); a batch with no good row still runs
+        forward and backward with a zero loss, so DDP workers stay in lockstep and
+        the epoch loss stays finite. A partial accumulation group at the end is
+        dropped (its gradient zeroed): the LR schedule counts whole groups, and an
+        unsynchronised DDP gradient must not be stepped or carried into the next
+        epoch. ``clock``: the ``InputClock`` that ``batches`` draws from, when the
+        caller wrapped the stream before something that is not input (the step
+        agreement of ``_batches``); by default ``batches`` is timed as it comes."""
         from mlray.model.augment import preprocess, to_device
         from mlray.model.factory import freeze_norm_stats
 
@@ -317,18 +398,17 @@ class Recipe:
         self._enter_phase(epoch)
         self.model.train()
         freeze_norm_stats(self.model, all_layers=cfg.model.freeze_bn_stats)
+        if clock is None:
+            batches = clock = InputClock(batches)
         st = EpochStats()
         micro = 0
         loss_sum = torch.zeros((), device=self.device)  # summed on the device: .item() per step would sync
-        t0 = t_ready = time.time()
+        t0 = time.perf_counter()
         for batch in batches:
-            waited = time.time() - t_ready
-            st.first_wait = waited if st.batches == 0 else st.first_wait
-            st.wait += waited
             batch = self.decoded(batch)
-            ok = np.array([e == "" for e in batch["error"]])
+            ok = np.array([e == "" for e in batch["error"]], dtype=bool)
             st.bad += _error_rows(batch)
-            images, targets = _good_rows(batch, ok if ok.any() else None)
+            images, targets, weight = _masked_rows(batch, ok, self.device)
             x = preprocess(images, self.device, self.mean, self.std, cfg.data.augment)
             y = to_device(targets, self.device).float()
             last = (micro + 1) % accumulate == 0
@@ -336,7 +416,7 @@ class Recipe:
             with sync:
                 with self.autocast():
                     logits = self.forward_model(x)
-                loss = self.loss_fn(logits, y) * (1.0 if ok.any() else 0.0)
+                loss = self.loss_fn(logits, y, weight)  # the mean over the good rows; 0 without any
                 scaled = loss / accumulate
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             micro += 1
@@ -346,12 +426,12 @@ class Recipe:
             st.seen += n_ok
             loss_sum += loss.detach().float() * n_ok
             st.batches += 1
-            t_ready = time.time()
         if micro % accumulate:
             self.optimizer.zero_grad(set_to_none=True)
             st.dropped_micro = micro % accumulate
         st.loss_sum = float(loss_sum.item())
-        st.seconds = time.time() - t0
+        st.seconds = time.perf_counter() - t0
+        st.wait, st.first_wait = clock.wait, clock.first_wait
         return st
 
     # ---- validate
@@ -359,32 +439,35 @@ class Recipe:
         return self.ema.module if self.ema is not None else self.model
 
     def validate(self, batches) -> ValResult:
-        """Scores of this worker's validation rows (no collectives: shards may differ in size)."""
-        from mlray.model.augment import preprocess
+        """Scores of this worker's validation rows (no collectives: shards may differ in size).
+        Every row of a batch is scored (one shape); those that failed to decode are
+        dropped from the scores on the host, which reads them anyway."""
+        from mlray.model.augment import preprocess, to_device
 
         model = self.eval_model()
         model.eval()
         scores, targets, bad = [], [], []
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=self.device)
         with torch.inference_mode():
             for batch in batches:
                 batch = self.decoded(batch)
-                ok = np.array([e == "" for e in batch["error"]])
+                ok = np.array([e == "" for e in batch["error"]], dtype=bool)
                 bad += _error_rows(batch)
                 if not ok.any():
                     continue
-                images, y = _good_rows(batch, ok)
-                x = preprocess(images, self.device, self.mean, self.std)
+                x = preprocess(batch["image"], self.device, self.mean, self.std)
                 with self.autocast():
                     logits = model(x).float()
-                loss_sum += self.loss_fn(logits, y.to(self.device).float()).item() * len(y)
-                scores.append(torch.sigmoid(logits).cpu().numpy())
-                targets.append(y.numpy())
+                weight = None if ok.all() else to_device(torch.from_numpy(ok.astype(np.float32)), self.device)
+                y = batch["target"]
+                loss_sum += self.loss_fn(logits, to_device(y, self.device).float(), weight) * int(ok.sum())
+                scores.append(torch.sigmoid(logits).cpu().numpy()[ok])
+                targets.append(y.numpy()[ok])
         c = len(self.vocab)
         return ValResult(
             np.concatenate(scores) if scores else np.zeros((0, c), np.float32),
             np.concatenate(targets) if targets else np.zeros((0, c), np.uint8),
-            loss_sum, bad,
+            float(loss_sum.item()), bad,
         )
 
     def epoch_record(self, epoch: int, st: EpochStats, val: ValResult):
@@ -465,11 +548,16 @@ class Recipe:
         train_cache = cache.EpochCache(limit, disk_limit=disk_limit, directory=spill_dir, seed=cfg.optim.seed, rank=rank)
         val_cache = cache.EpochCache(limit, disk_limit=disk_limit, directory=spill_dir, rank=rank)
         to_commit = limit > 0 or disk_limit > 0
+        replay_steps = None
         for epoch in range(self.state.epoch, cfg.optim.epochs):
             skipped: list = []
             replay = train_cache.ready
-            train_source = train_cache.replay(epoch, bs) if replay else train_cache.record(train_batches())
-            stats = self.train_epoch(epoch, _batches(train_source, dist, skipped, batch_size=bs, decoded=self.decoded))
+            if replay and replay_steps is None:
+                # each worker replays the rows it recorded: agree once on the full batches all of them have
+                replay_steps = dist.agree_min(train_cache.rows // bs)
+            clock = InputClock(train_cache.replay(epoch, bs) if replay else train_cache.record(train_batches()))
+            stats = self.train_epoch(epoch, _batches(clock, dist, skipped, batch_size=bs, decoded=self.decoded,
+                                                     steps=replay_steps if replay else None), clock)
             stats.bad += skipped
             val_cache.limit = limit - train_cache.nbytes  # one budget for both splits, in memory and on disk
             val_cache.disk_limit = disk_limit - train_cache.disk_bytes
@@ -520,7 +608,9 @@ class Recipe:
         if self.ema is not None:
             with open(os.path.join(tmp, rundir.EMA_FILE), "wb") as f:
                 f.write(rundir.weights_bytes(self.ema.module.state_dict()))
-        torch.save({"optimizer": self.optimizer.state_dict(), **self.state.__dict__}, os.path.join(tmp, STATE_FILE))
+        scaler = {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        torch.save({"optimizer": self.optimizer.state_dict(), **scaler, **self.state.__dict__},
+                   os.path.join(tmp, STATE_FILE))
         with open(os.path.join(tmp, rundir.THRESHOLDS), "w") as f:
             f.write(policy.to_json())
         with open(os.path.join(tmp, rundir.CONFIG), "w") as f:

@@ -2,7 +2,8 @@
 
     mlray train --config jobs/configs/demo.yaml optim.epochs=3 scaling.num_workers=2
 
-The driver checks the run and the manifest, writes the run directory's config
+The driver checks the run, the weights, the manifest (a sample of its images)
+and that the workers can be placed (``mlray.resources``), writes the run directory's config
 and labels, builds the two Ray Data streams (train shuffled every epoch, val in
 order) and starts a ``TorchTrainer``. Each worker runs ``train_loop_per_worker``:
 Ray wiring only (rank, device, dataset shards, checkpoints); the training itself
@@ -20,6 +21,7 @@ import pyarrow.compute as pc
 import torch
 
 from mlray.config import Config
+from mlray.resources import Demand
 from mlray.data.pipeline import torch_collate
 from mlray.io import storage
 from mlray.io.manifest import read_manifest
@@ -62,8 +64,9 @@ class DatasetInfo:
 
 
 def dataset_info(cfg: Config) -> DatasetInfo:
-    """Counts the driver needs before training: rows per split and label frequencies."""
-    from mlray.io.manifest import multi_hot
+    """Counts the driver needs before training: rows per split and label
+    frequencies; and a sample of the rows' images exists (``check_uris``)."""
+    from mlray.io.manifest import check_uris, multi_hot
 
     table, vocab = read_manifest(cfg.data.manifest)
     if "split" not in table.column_names:
@@ -75,6 +78,7 @@ def dataset_info(cfg: Config) -> DatasetInfo:
         raise ValueError(f"{cfg.data.manifest}: no rows with split={cfg.data.train_split!r} (data.train_split)")
     if n_val == 0:
         raise ValueError(f"{cfg.data.manifest}: no rows with split={cfg.data.val_split!r} (data.val_split)")
+    check_uris(cfg.data.manifest, table, splits=[cfg.data.train_split, cfg.data.val_split], flag="data.manifest")
     positives = multi_hot(train.column("labels"), vocab).sum(axis=0)
     return DatasetInfo(vocab, train.num_rows, n_val, [int(p) for p in positives])
 
@@ -109,7 +113,7 @@ class _IngestConfig:
         return IngestConfig()
 
 
-def _has_checkpoint(directory: str) -> bool:
+def has_checkpoint(directory: str) -> bool:
     if not storage.exists(directory):
         return False
     fs, path = storage.resolve(directory)
@@ -123,13 +127,44 @@ def _has_checkpoint(directory: str) -> bool:
 
 def resolve_paths(cfg: Config) -> Config:
     """Local paths made absolute on the driver: workers run in other directories."""
+    from mlray.model.factory import PRETRAINED_WORDS
+
     def absolute(uri: str) -> str:
         return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
+    weights = cfg.model.pretrained
     return cfg.model_copy(update={
         "data": cfg.data.model_copy(update={"manifest": absolute(cfg.data.manifest)}),
         "run": cfg.run.model_copy(update={"storage_path": absolute(cfg.run.storage_path)}),
+        "model": cfg.model.model_copy(update={"pretrained": weights if weights in PRETRAINED_WORDS else absolute(weights)}),
     })
+
+
+def training_demand(cfg: Config) -> Demand:
+    """What the Ray Train workers ask for, and the keys that set it; beside them,
+    one decode task's CPUs, without which the input stream never starts (Ray Data
+    waits for a free CPU for ever). The train controller and its helpers take no CPU."""
+    s = cfg.scaling
+    return Demand(
+        what="training workers", count=s.num_workers,
+        per={"CPU": s.cpus_per_worker, "GPU": s.gpus_per_worker if s.use_gpu else 0.0},
+        count_key=f"scaling.num_workers={s.num_workers}",
+        keys={"CPU": f"scaling.cpus_per_worker={s.cpus_per_worker:g}",
+              **({"GPU": f"scaling.gpus_per_worker={s.gpus_per_worker:g} (scaling.use_gpu=true)"} if s.use_gpu else {})},
+        strategy=s.placement_strategy, wait_key="scaling.resource_wait",
+        extra={"CPU": cfg.data.decode_cpus}, extra_key=f"data.decode_cpus={cfg.data.decode_cpus:g}",
+    )
+
+
+def startup_retries(resource_wait: float | None) -> int:
+    """Ray Train's limit on worker-group start-up failures (``controller_failure_limit``;
+    its default, -1, retries for ever): each attempt waits
+    ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s) for the placement group, so
+    the run gives up after about ``scaling.resource_wait``; -1 with null."""
+    if resource_wait is None:
+        return -1
+    attempt = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
+    return max(1, int(-(-resource_wait // attempt)))
 
 
 def train(cfg: Config, *, resume: bool = False) -> TrainResult:
@@ -138,17 +173,20 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
     from ray.train.torch import TorchTrainer
 
     from mlray.data.pipeline import image_dataset
-    from mlray.runtime import init_ray, worker_runtime_env
+    from mlray.model.factory import resolve_weights
+    from mlray.resources import ensure_resources
+    from mlray.runtime import init_ray, run_interruptible, worker_runtime_env
     from mlray.data.shuffle import local_buffer_rows
 
     cfg = resolve_paths(cfg)
     directory = rundir.run_dir(cfg)
-    if _has_checkpoint(directory) and not resume:
+    if has_checkpoint(directory) and not resume:
         raise ValueError(
             f"run {directory} already has checkpoints: pass --resume to continue it, or choose a new run.name"
         )
-    if resume and not _has_checkpoint(directory):
+    if resume and not has_checkpoint(directory):
         raise ValueError(f"--resume: {directory} has no checkpoint to resume from")
+    resolve_weights(cfg.model, check_hub=True)
     info = dataset_info(cfg)
     per_step = cfg.data.batch_size * cfg.scaling.num_workers
     if info.n_train < per_step:
@@ -157,6 +195,7 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
             f"scaling.num_workers {cfg.scaling.num_workers}); lower them"
         )
     init_ray(training=True)
+    ensure_resources(training_demand(cfg), cfg.scaling.resource_wait, gpu_flag="scaling.use_gpu=true")
     rundir.write_run_files(directory, cfg, info.vocab, info.train_positives, info.n_train)
     from mlray.model.device_decode import resolve_mode
 
@@ -186,7 +225,9 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=path, storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.run.max_failures, controller_failure_limit=startup_retries(cfg.scaling.resource_wait)
+            ),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="val_mAP", checkpoint_score_order="max"
             ),
@@ -197,7 +238,19 @@ def train(cfg: Config, *, resume: bool = False) -> TrainResult:
         datasets=datasets,
         dataset_config=_IngestConfig(),
     )
-    trainer.fit()
+    try:
+        run_interruptible(trainer.fit)
+    except ray.train.ControllerError as e:
+        cause = e.controller_failure
+        name = type(cause).__name__
+        if name in ("WorkerGroupStartupTimeoutError", "InsufficientClusterResourcesError"):
+            from mlray.resources import ResourceError
+
+            why = ("Ray Train's start-up attempts ran out" if name == "WorkerGroupStartupTimeoutError"
+                   else " ".join(str(cause).split()))
+            raise ResourceError(f"the training workers ({training_demand(cfg).text()}) did not start within "
+                                f"about scaling.resource_wait={cfg.scaling.resource_wait} s: {why}") from None
+        raise
     return TrainResult(directory, rundir.read_best(directory), rundir.read_history(directory))
 
 

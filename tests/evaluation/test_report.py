@@ -16,6 +16,8 @@ from mlray.model import rundir
 from mlray.cli import main
 from mlray.evaluation.report import PLOTS, evaluate
 
+pytestmark = pytest.mark.slow  # every test here starts Ray or uses a trained run
+
 
 def test_report_renders_with_plots_and_baselines(trained_run, local_ray, tmp_path, capsys):
     run, manifest, _ = trained_run

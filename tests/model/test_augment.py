@@ -110,3 +110,22 @@ def test_training_transform_is_in_range_and_follows_torch_seed():
     lo, hi = -torch.tensor(MEAN) / torch.tensor(STD), (1 - torch.tensor(MEAN)) / torch.tensor(STD)
     assert (a.amin(dim=(0, 2, 3)) >= lo - 1e-5).all() and (a.amax(dim=(0, 2, 3)) <= hi + 1e-5).all()
     assert not torch.allclose(a, preprocess(x8, torch.device("cpu"), MEAN, STD), atol=1e-2)
+
+
+def test_device_constants_are_made_once_per_device_and_dtype():
+    """A GPU step must not copy the normalisation constants to the device each
+    batch (a host-device sync per copy): they are made once and reused."""
+    from mlray.model.augment import device_constants
+
+    cpu = torch.device("cpu")
+    first = device_constants(MEAN, STD, cpu, torch.float32)
+    again = device_constants(MEAN, STD, cpu, torch.float32)
+    assert all(a is b for a, b in zip(first, again))
+    assert torch.equal(first[0], torch.tensor(MEAN)) and torch.equal(first[3], torch.eye(3))
+    half = device_constants(MEAN, STD, cpu, torch.float64)
+    assert half[0].dtype == torch.float64 and half[0] is not first[0]
+    # normalising and jittering leave the shared constants as they were
+    x = _images().permute(0, 3, 1, 2).float()
+    color_transform(x.clone(), MEAN, STD, jitter_factors(len(x), 0.4))
+    color_transform(x.clone(), MEAN, STD)
+    assert torch.equal(device_constants(MEAN, STD, cpu, torch.float32)[1], torch.tensor(STD))

@@ -21,6 +21,8 @@ from mlray.model.predictor import CPU_CHUNK, Predictor
 from mlray.io.manifest import LABELS_KEY
 from mlray.tagging.job import TagError, TagOptions, tag
 
+pytestmark = pytest.mark.slow  # every test here starts Ray or uses a trained run
+
 
 @pytest.fixture(scope="module")
 def corpus(trained_run, s3_server):
@@ -404,14 +406,6 @@ def test_weights_that_do_not_fit_the_config_stop_the_job_naming_the_model(traine
     with pytest.raises(TagError, match=r"--model .*edited: the model does not load in the scoring actor") as e:
         tag(str(edited), images, str(tmp_path / "out"))
     assert "run the same command again" not in str(e.value) and len(str(e.value).splitlines()) == 1
-
-
-def test_decode_auto_without_a_gpu_decodes_in_the_scoring_actor_but_not_in_the_trainer():
-    from mlray.model.device_decode import resolve_mode
-
-    assert resolve_mode("auto", 0, "tag") == "device" and resolve_mode("auto", 0, "train") == "cpu"
-    assert resolve_mode("auto", 1, "tag") == resolve_mode("auto", 1, "train") == "device"
-    assert resolve_mode("cpu", 1, "tag") == "cpu"
 
 
 def test_the_tagging_driver_checks_the_model_without_importing_torch(trained_run):

@@ -19,6 +19,8 @@ from mlray.model.predictor import Predictor
 from mlray.io.manifest import read_manifest
 from mlray.tagging.job import TagError, TagOptions, tag
 
+pytestmark = pytest.mark.slow  # every test here starts Ray or uses a trained run
+
 
 def _perturbed_copy(run: str, dest: str) -> str:
     """The run with one backbone weight nudged: another backbone, same head shape."""

@@ -1,19 +1,12 @@
-"""Metrics against scikit-learn on generated data and edge cases; collapse; thresholds."""
+"""Metrics against scikit-learn on generated data and edge cases; collapse and its advice."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
-import torch
 from sklearn import metrics as skm
 
-from mlray.config import LossConfig, ThresholdConfig
-from mlray.training.losses import create_loss, pos_weight_from_counts
-from mlray.evaluation.metrics import format_collapse, collapse_report, multilabel_metrics
-from mlray.evaluation.validation import compare_strategies
-from mlray.model.thresholds import ThresholdPolicy, best_label_thresholds, tune
+from mlray.evaluation.metrics import collapse_report, format_collapse, multilabel_metrics
 
 
 def _data(n=400, c=20, density=0.15, seed=0, quality=1.5):
@@ -123,111 +116,3 @@ def test_collapse_advice_names_what_the_run_shows_and_nothing_it_already_does():
     rep = collapse_report(m0, zero, 0.5, vocab, y, history=_epochs([0.11, 0.11], losses=[0.5, 0.2]), settings=already)
     assert any("learns the training rows only" in a for a in rep["advice"])
     assert "likely cause" in format_collapse(rep)
-
-
-def test_tuned_thresholds_beat_half_on_a_skewed_set():
-    # Skewed: rare labels and a model whose scores sit low (as after training on 99% zeros).
-    rng = np.random.default_rng(7)
-    n, c = 2000, 30
-    y = (rng.random((n, c)) < 0.04).astype(int)
-    logits = -3 + 2.5 * y + rng.normal(0, 1, (n, c))
-    scores = 1 / (1 + np.exp(-logits))
-    val, test = slice(0, 1000), slice(1000, None)
-    cfg = ThresholdConfig(strategy="per_label", at_least_one=False)
-    pol = tune(scores[val], y[val], cfg)
-    f1_tuned = skm.f1_score(y[test], pol.predict(scores[test]), average="micro")
-    f1_half = skm.f1_score(y[test], scores[test] >= 0.5, average="micro")
-    assert f1_tuned > f1_half + 0.1
-    assert len(pol.support) == c and sum(pol.support) == y[val].sum()
-    back = ThresholdPolicy.from_json(pol.to_json())
-    assert np.array_equal(back.predict(scores), pol.predict(scores))
-    table = compare_strategies(scores[val], y[val], scores[test], y[test], cfg)
-    assert {"global", "per_label", "top_k", "per_label+at_least_one"} <= set(table)
-
-
-def test_per_label_thresholds_fall_back_with_little_support():
-    scores, y = _data(n=200, c=4, seed=8)
-    y[:, 3] = 0
-    y[:3, 3] = 1  # three positives only
-    pol = tune(scores, y, ThresholdConfig(strategy="per_label", min_support=5))
-    assert pol.thresholds[3] == pol.global_threshold
-    assert pol.thresholds[0] != pol.global_threshold
-
-
-def test_best_label_threshold_is_f1_optimal():
-    scores, y = _data(n=150, c=3, seed=9)
-    t = best_label_thresholds(scores, y)
-    for j in range(3):
-        best = max(skm.f1_score(y[:, j], scores[:, j] >= s) for s in np.unique(scores[:, j]))
-        assert skm.f1_score(y[:, j], scores[:, j] >= t[j]) == pytest.approx(best)
-
-
-def test_at_least_one_label_per_image():
-    pol = ThresholdPolicy("global", [0.9, 0.9], 0.9, at_least_one=True)
-    pred = pol.predict(np.array([[0.2, 0.6], [0.95, 0.1]]))
-    assert pred.tolist() == [[False, True], [True, False]]
-
-
-# ---- losses against hand-computed values ----------------------------------------
-
-X = torch.tensor([[2.0, -1.0]])
-Y = torch.tensor([[1.0, 0.0]])
-
-
-def _sig(v):
-    return 1 / (1 + math.exp(-v))
-
-
-def test_bce_hand_computed():
-    expected = -math.log(_sig(2.0)) - math.log(1 - _sig(-1.0))
-    assert create_loss(LossConfig(name="bce"))(X, Y).item() == pytest.approx(expected, rel=1e-5)
-
-
-def test_bce_weighted_hand_computed():
-    w = pos_weight_from_counts([10, 1], 101, max_weight=50)
-    assert w.tolist() == pytest.approx([9.1, 50.0])  # 91/10; 100/1 clipped to 50
-    loss = create_loss(LossConfig(name="bce_weighted", max_pos_weight=50), [10, 1], 101)
-    expected = -9.1 * math.log(_sig(2.0)) - math.log(1 - _sig(-1.0))
-    assert loss(X, Y).item() == pytest.approx(expected, rel=1e-5)
-
-
-def test_focal_hand_computed():
-    p0, p1 = _sig(2.0), _sig(-1.0)
-    expected = -0.25 * (1 - p0) ** 2 * math.log(p0) - 0.75 * p1**2 * math.log(1 - p1)
-    loss = create_loss(LossConfig(name="focal", focal_gamma=2, focal_alpha=0.25))
-    assert loss(X, Y).item() == pytest.approx(expected, rel=1e-5)
-
-
-def test_asl_hand_computed():
-    p0, p1 = _sig(2.0), _sig(-1.0)
-    pm = p1 - 0.05
-    expected = -math.log(p0) - pm**4 * math.log(1 - pm)
-    loss = create_loss(LossConfig(name="asl", gamma_neg=4, gamma_pos=0, clip=0.05))
-    assert loss(X, Y).item() == pytest.approx(expected, rel=1e-5)
-    # an easy negative (p below the clip) costs nothing
-    assert create_loss(LossConfig(name="asl"))(torch.tensor([[-5.0]]), torch.tensor([[0.0]])).item() == 0.0
-
-
-def test_losses_are_summed_over_labels_and_averaged_over_images():
-    loss = create_loss(LossConfig(name="bce"))
-    one = loss(X, Y).item()
-    assert loss(X.repeat(4, 1), Y.repeat(4, 1)).item() == pytest.approx(one)
-    assert loss(X.repeat(1, 3), Y.repeat(1, 3)).item() == pytest.approx(3 * one)
-
-
-def test_every_label_keeps_rare_labels_predicted():
-    rng = np.random.default_rng(3)
-    n = 400
-    y = np.zeros((n, 3), dtype=np.uint8)
-    y[:200, 0] = 1
-    y[100:300, 1] = 1
-    y[:8, 2] = 1  # rare: its scores never reach the global threshold, though they rank right
-    scores = np.clip(y * 0.6 + rng.uniform(0, 0.35, y.shape), 0, 1)
-    scores[:, 2] = 0.05 + 0.1 * y[:, 2] + rng.uniform(0, 0.04, n)
-    prior = y.mean(axis=0)
-    off = tune(scores, y, ThresholdConfig(every_label=False, at_least_one=False), prior=prior)
-    on = tune(scores, y, ThresholdConfig(at_least_one=False), prior=prior)
-    assert off.predict(scores)[:, 2].sum() == 0
-    pred = on.predict(scores)
-    assert 4 <= pred[:, 2].sum() <= 12 and pred[:8, 2].all()
-    assert on.thresholds[:2] == off.thresholds[:2]  # frequent labels keep the tuned threshold

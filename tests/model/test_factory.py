@@ -1,4 +1,5 @@
-"""Pretrained weights from files (timm and torchvision layouts, local and S3), freezing."""
+"""Pretrained weights from files (timm and torchvision layouts, local and S3), freezing, BatchNorm
+folding for scoring, and the mixed precision chosen per device."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import timm
 import torch
 
 from mlray.io import storage
-from mlray.config import ModelConfig
-from mlray.model.factory import WeightsError, create_model, fused_model, init_head, set_trainable, stage_names
+from mlray.config import ConfigError, ModelConfig, build_config
+from mlray.model.factory import (WeightsError, amp_dtype, create_model, fused_model, init_head, scoring_dtype,
+                                 set_trainable, stage_names)
 
 
 def _save(uri, sd):
@@ -19,6 +21,7 @@ def _save(uri, sd):
     storage.write_bytes(uri, buf.getvalue())
 
 
+@pytest.mark.slow  # the S3 server
 def test_weights_file_on_s3_in_timm_and_torchvision_layouts(bucket):
     src = timm.create_model("resnet18", pretrained=False, num_classes=1000)
     torch.nn.init.normal_(src.conv1.weight)
@@ -95,6 +98,7 @@ def _random_norm_stats(model):
     return model
 
 
+@pytest.mark.slow  # builds, copies and runs two full networks
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18"])
 def test_scoring_folds_batchnorm_into_convolutions_with_the_same_outputs(name):
     model = _random_norm_stats(timm.create_model(name, pretrained=False, num_classes=7)).eval()
@@ -107,6 +111,34 @@ def test_scoring_folds_batchnorm_into_convolutions_with_the_same_outputs(name):
     with torch.inference_mode():
         assert torch.allclose(folded(x), want, atol=1e-4)
         assert torch.equal(model(x), want)  # the original is left as it was
+
+
+def test_a_small_net_is_folded_with_its_activation_kept():
+    """Conv -> BatchNorm and conv -> timm's BatchNormAct2d (whose activation must
+    survive the fold), on a net small enough for the unit tier."""
+
+    class Small(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.bn1 = torch.nn.BatchNorm2d(8)
+            self.conv2 = torch.nn.Conv2d(8, 4, 3, padding=1)
+            self.bn2 = timm.layers.BatchNormAct2d(4, act_layer=torch.nn.ReLU)
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.bn2(self.conv2(self.bn1(self.conv1(x)))).mean((2, 3)))
+
+    model = _random_norm_stats(Small()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        want = model(x)
+    folded, n = fused_model(model, 16)
+    assert n == 2 and folded is not model
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.ReLU) for m in folded.modules())
+    with torch.inference_mode():
+        assert torch.allclose(folded(x), want, atol=1e-5)
 
 
 def test_a_net_whose_forward_does_not_follow_its_layer_order_is_not_folded():
@@ -123,3 +155,26 @@ def test_a_net_whose_forward_does_not_follow_its_layer_order_is_not_folded():
     model = _random_norm_stats(NormFirst()).eval()
     folded, n = fused_model(model, 16)
     assert folded is model and n == 0
+
+
+def test_mixed_precision_is_chosen_by_what_the_gpu_supports_and_gpus_are_whole():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for capability in [(8, 0), (8, 9), (9, 0), (10, 0)]:  # A100, L4, H100, B200: native bf16
+        assert amp_dtype(True, cuda, capability) == torch.bfloat16
+    # T4, V100: torch.cuda.is_bf16_supported() says yes there (bf16 is emulated, many
+    # times slower than fp16), so the rule is the capability: fp16, with loss scaling
+    for capability in [(7, 5), (7, 0), (6, 1)]:
+        assert amp_dtype(True, cuda, capability) == torch.float16
+    assert amp_dtype(True, cpu) is None and amp_dtype(False, cuda, (9, 0)) is None
+    # scoring (tag, evaluate, predict --precision): auto is the run's rule; fp32 and bf16 hold on any device
+    assert scoring_dtype("auto", True, cpu) is None and scoring_dtype("fp32", True, cuda) is None
+    assert scoring_dtype("bf16", False, cuda) == torch.bfloat16
+    # bf16 on a CPU only where it computes in it natively: emulated, it is ~10x slower than fp32
+    assert scoring_dtype("bf16", True, cpu, cpu_bf16=True) == torch.bfloat16
+    assert scoring_dtype("bf16", True, cpu, cpu_bf16=False) is None
+    with pytest.raises(ValueError, match="fp16"):
+        scoring_dtype("fp16", True, cpu)
+    base = {"data": {"manifest": "unused"}, "run": {"name": "gpus"}}
+    with pytest.raises(ConfigError, match=r"scaling\.gpus_per_worker=0\.5"):
+        build_config({**base, "scaling": {"use_gpu": True, "gpus_per_worker": 0.5}})
+    assert build_config({**base, "scaling": {"use_gpu": True, "gpus_per_worker": 1}}).scaling.gpus_per_worker == 1

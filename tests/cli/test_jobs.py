@@ -17,7 +17,7 @@ from mlray.model import rundir
 from mlray.io import storage
 from mlray.config import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_cluster_yaml_passes_rays_own_validation():
@@ -97,6 +97,7 @@ def _submit(address: str, *entrypoint: str) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_submitted_train_and_tag_jobs_run_on_a_real_head(ray_head, mosaics, s3_server, tmp_path):
     from mlray.data.prepare import prepare
 

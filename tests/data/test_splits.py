@@ -55,3 +55,25 @@ def test_parse_ratios_errors():
         parse_ratios("train")
     with pytest.raises(ValueError, match="not a number"):
         parse_ratios("train=x")
+
+
+def test_parse_ratios_names_what_is_wrong():
+    assert parse_ratios("train=3,val=1,") == pytest.approx({"train": 0.75, "val": 0.25})  # a trailing comma is fine
+    with pytest.raises(ValueError, match="unknown split 'dev'; use train, val and test"):
+        parse_ratios("train=0.8,dev=0.2")
+    with pytest.raises(ValueError, match="fraction for 'val' is negative"):
+        parse_ratios("train=1,val=-0.1")
+    with pytest.raises(ValueError, match="must sum to more than 0"):
+        parse_ratios("train=0,val=0")
+
+
+def test_rows_without_labels_fill_each_split_to_its_share():
+    """Unlabelled rows (and whole unlabelled groups) go where a split still wants rows;
+    a split with a zero share gets none."""
+    labels = [[0] if i < 40 else [] for i in range(400)]
+    groups = [f"g{i // 4}" if i >= 200 else None for i in range(400)]  # 50 unlabelled groups of 4
+    ratios = parse_ratios("train=0.5,val=0.5,test=0")
+    got = iterative_split(labels, 1, ratios, groups=groups, seed=1)
+    assert abs(got.count("train") - 200) <= 4 and "test" not in got  # within one group of its share
+    assert got[:40].count("train") == got[:40].count("val") == 20  # the labelled rows split evenly too
+    assert all(len({got[i], got[i + 1], got[i + 2], got[i + 3]}) == 1 for i in range(200, 400, 4))

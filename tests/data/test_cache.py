@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from mlray.data.cache import EpochCache, _nbytes
+from mlray.data.cache import EpochCache
 
 
 def _stream(n, batch, size=4):
@@ -60,7 +60,9 @@ def test_a_copy_over_its_limit_is_dropped_and_everyone_streams():
 
 def test_rows_past_the_memory_budget_replay_from_local_disk_and_leave_no_file(tmp_path):
     """Memory first, then one unlinked file: the replay is the same rows as from memory."""
-    first_two = sum(_nbytes(b) for b in list(_stream(50, 16))[:2])
+    probe = EpochCache(2**20)
+    list(probe.record(list(_stream(50, 16))[:2]))
+    first_two = probe.nbytes  # what the first two batches take in memory, as the cache counts it
     mixed = EpochCache(first_two, disk_limit=2**20, directory=str(tmp_path), seed=3)
     streamed = list(mixed.record(_stream(50, 16)))
     in_memory = EpochCache(2**20, seed=3)
@@ -91,3 +93,47 @@ def test_a_copy_over_both_budgets_or_of_encoded_bytes_gives_up(tmp_path):
                 "target": torch.zeros(8, 2, dtype=torch.uint8), "image_id": np.array(["a"] * 8, dtype=object)}]
     list(encoded.record(batches))
     assert not encoded.complete  # bytes stay in memory or nowhere: there was no memory for them
+
+
+def _files(directory, **values):
+    os.makedirs(directory, exist_ok=True)
+    for name, text in values.items():
+        with open(os.path.join(directory, name.replace("__", ".")), "w") as f:
+            f.write(text)
+
+
+def test_memory_left_is_read_from_the_cgroup_limits_v2_and_v1(tmp_path):
+    """In a container the replay cache sizes itself from what the cgroup's limit
+    leaves (a pod is killed at its limit, whatever the node has free); reclaimable
+    page cache does not count as used."""
+    from mlray.data.cache import available_memory, cgroup_memory_left
+
+    mb = 2**20
+    # cgroup v2, mounted as the container's own cgroup (its path is "/")
+    v2 = tmp_path / "v2"
+    _files(v2, memory__max=f"{1000 * mb}\n", memory__current=f"{700 * mb}\n",
+           memory__stat=f"anon {500 * mb}\nfile {200 * mb}\ninactive_file {150 * mb}\nactive_file {50 * mb}\n")
+    _files(tmp_path, v2_self="0::/\n")
+    assert cgroup_memory_left(str(v2), str(tmp_path / "v2_self")) == (1000 - 700 + 150) * mb
+    assert available_memory(str(v2), str(tmp_path / "v2_self")) <= 450 * mb
+    # no limit ("max"), or no cgroup files at all: nothing to respect
+    _files(v2, memory__max="max\n")
+    assert cgroup_memory_left(str(v2), str(tmp_path / "v2_self")) is None
+    assert cgroup_memory_left(str(tmp_path / "nowhere"), str(tmp_path / "no_proc_file")) is None
+    # cgroup v2, not namespaced: the process's own cgroup and its parents, the smallest limit wins
+    _files(v2 / "kubepods" / "pod1", memory__max=f"{300 * mb}\n", memory__current=f"{100 * mb}\n")
+    _files(v2 / "kubepods", memory__max=f"{250 * mb}\n", memory__current=f"{200 * mb}\n")
+    _files(tmp_path, v2_pod="0::/kubepods/pod1\n")
+    assert cgroup_memory_left(str(v2), str(tmp_path / "v2_pod")) == 50 * mb
+    # cgroup v1: the memory hierarchy; 2**63 rounded down to a page means no limit
+    v1 = tmp_path / "v1"
+    _files(v1 / "memory", memory__limit_in_bytes="9223372036854771712\n", memory__usage_in_bytes=f"{900 * mb}\n")
+    _files(v1 / "memory" / "docker" / "abc", memory__limit_in_bytes=f"{2000 * mb}\n",
+           memory__usage_in_bytes=f"{1500 * mb}\n",
+           memory__stat=f"cache {600 * mb}\ninactive_file {1 * mb}\ntotal_inactive_file {400 * mb}\n")
+    _files(tmp_path, v1_self="12:pids:/docker/abc\n4:memory:/docker/abc\n0::/\n")
+    assert cgroup_memory_left(str(v1), str(tmp_path / "v1_self")) == (2000 - 1500 + 400) * mb
+    # a container whose cgroup is mounted at the root of the hierarchy: its path does not exist there
+    _files(v1 / "memory", memory__limit_in_bytes=f"{800 * mb}\n", memory__usage_in_bytes=f"{600 * mb}\n")
+    _files(tmp_path, v1_other="4:memory:/docker/elsewhere\n")
+    assert cgroup_memory_left(str(v1), str(tmp_path / "v1_other")) == 200 * mb

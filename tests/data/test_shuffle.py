@@ -59,6 +59,7 @@ def _stream(manifest, vocab, epochs=2):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
 def test_sorted_manifest_streams_like_a_random_order(local_ray, mosaics, tmp_path, packed):
     from mlray.data.prepare import prepare
@@ -85,6 +86,7 @@ def test_sorted_manifest_streams_like_a_random_order(local_ray, mosaics, tmp_pat
         assert epochs[0][0] != epochs[1][0]  # a new order every epoch
 
 
+@pytest.mark.slow
 def test_training_on_a_sorted_manifest_matches_the_shuffled_one(local_ray, mosaics, tmp_path):
     """The user-facing promise: the same rows sorted by label train as well as shuffled."""
     from mlray.config import build_config
@@ -117,6 +119,7 @@ def test_training_on_a_sorted_manifest_matches_the_shuffled_one(local_ray, mosai
     assert best["sorted"] > best["shuffled"] - 0.06, best
 
 
+@pytest.mark.slow
 def test_shuffled_read_and_decode_run_as_one_task(local_ray, mosaics, tmp_path):
     """The read and the decode fuse into one operator: each task decodes the rows it
     read (two operators would compete for the same CPU slots, and pass every block
@@ -154,3 +157,76 @@ def test_only_a_manifest_stored_in_source_order_is_warned_about(mosaics, tmp_pat
         with caplog.at_level(logging.WARNING, logger="mlray.data.shuffle"):
             ShuffledSplit(manifest, "train", ["image_id", "image", "labels"], block_rows=64, seed=0)
         assert any("source order" in r.getMessage() for r in caplog.records) == warned, (manifest, caplog.text)
+
+
+# ---- the planner alone, without Ray: each epoch a new order over every row of the split once
+
+
+def _manifest(tmp_path, n=96, packed=False, stored="random"):
+    """A real manifest of ``n`` rows (train, val and test). Unpacked: as ``mlray prepare``
+    writes it. Packed: two files of small row groups (several read units from a few
+    rows), rows stored shuffled within each split and marked so (``stored="random"``),
+    or in source order and unmarked, as older manifests are."""
+    from mlray.io.manifest import build_table, storage_order, write_manifest
+
+    ids = [f"img_{i:03d}.jpg" for i in range(n)]
+    splits = ["train" if i % 4 else ("val" if i % 8 else "test") for i in range(n)]
+    images = [bytes([i % 256]) * 300 for i in range(n)] if packed else None
+    table = build_table(ids, [None if packed else f"images/{i}" for i in ids],
+                        [["cat"] if i % 2 else ["dog"] for i in range(n)], splits=splits, images=images)
+    out = tmp_path / f"m-{packed}-{stored}"
+    if not packed:
+        write_manifest(table, ["cat", "dog"], str(out))
+    else:
+        out.mkdir()
+        row_order = None
+        if stored == "random":
+            table, row_order = table.take(pa.array(storage_order(splits, n, seed=1))), "random"
+        table = table.cast(schema_with_vocab(table.schema, ["cat", "dog"], row_order))
+        pq.write_table(table.slice(0, n // 2), out / "part-0.parquet", row_group_size=12)
+        pq.write_table(table.slice(n // 2), out / "part-1.parquet", row_group_size=12)
+    return str(out), {i for i, s in zip(ids, splits) if s == "train"}
+
+
+def _unit_ids(planner, units) -> list[str]:
+    ids = []
+    for f, g, rows in units:
+        group = pq.ParquetFile(planner.paths[f]).read_row_group(g, columns=["image_id"]).column("image_id")
+        ids += group.take(pa.array(rows)).to_pylist()
+    return ids
+
+
+@pytest.mark.parametrize("packed,stored", [(False, "random"), (True, "random"), (True, "source")])
+def test_each_epoch_draws_a_new_order_over_every_row_of_the_split_once(tmp_path, packed, stored):
+    from mlray.data.shuffle import ShuffledSplit
+
+    manifest, train = _manifest(tmp_path, packed=packed, stored=stored)
+    planner = ShuffledSplit(manifest, "train", ["image_id", "uri", "labels", "image"], block_rows=16, seed=5)
+    assert planner.packed == packed
+    orders = [planner.next_order()[1] for _ in range(3)]
+    n = len(orders[0])
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(n))  # a permutation: each row (or unit) once
+    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+    if packed:
+        assert planner.table is None and n == len(planner.units)
+        ids = _unit_ids(planner, [planner.units[j] for j in orders[0]])
+        assert planner.n_rows == len(ids) == len(train)
+    else:
+        assert planner.table.column_names == ["image_id", "uri", "labels"]  # what was asked for and exists
+        ids = planner.table.column("image_id").take(pa.array(orders[0])).to_pylist()
+        assert ids != sorted(ids)  # mixed, not the stored order
+    assert sorted(ids) == sorted(train)  # the split's rows, each once, no other split's
+    if packed:
+        assert {u[0] for u in planner.units} == {0, 1}  # both files
+        if stored == "source":  # row groups are cut into slices, so that a read task mixes several places
+            assert max(len(u[2]) for u in planner.units) < 12
+        else:  # a whole row group's rows of the split are one unit, read once
+            assert len({(f, g) for f, g, _ in planner.units}) == len(planner.units) == 72 // 12
+            assert planner.num_tasks() < len(planner.units)  # a task reads several row groups
+    else:
+        assert planner.num_tasks() == -(-len(train) // 16)
+    # the same seed gives the same epochs (a restarted run sees the orders it would have), another seed others
+    again = ShuffledSplit(manifest, "train", ["image_id"], block_rows=16, seed=5)
+    other = ShuffledSplit(manifest, "train", ["image_id"], block_rows=16, seed=6)
+    assert np.array_equal(again.next_order()[1], orders[0]) and not np.array_equal(other.next_order()[1], orders[0])

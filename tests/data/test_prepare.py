@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from mlray.io import storage
 from mlray.cli import main
-from mlray.io.manifest import LABELS_KEY, ManifestError, read_manifest, write_manifest
+from mlray.io.manifest import LABELS_KEY, read_manifest
 from mlray.data.prepare import prepare
 from mlray.data.sources import SourceError
 
@@ -22,6 +22,7 @@ def _rows(csv_path):
         return [line.rstrip("\n") for line in f]
 
 
+@pytest.mark.slow  # the S3 server
 @pytest.mark.parametrize("pack", [False, True])
 def test_prepare_csv_to_s3_reads_back_with_plain_pyarrow(mosaics, bucket, s3_server, pack):
     root, csv_path = mosaics
@@ -174,6 +175,7 @@ def test_coco_import_keeps_images_without_annotations(mosaics, tmp_path):
     assert got[f"images/{names[2]}"] == []
 
 
+@pytest.mark.slow  # the S3 server
 def test_images_root_on_s3(mosaics, bucket, tmp_path):
     root, csv_path = mosaics
     storage.upload_dir(os.path.join(root, "images"), f"{bucket}/raw/images")
@@ -238,50 +240,111 @@ def test_coco_that_is_not_coco(tmp_path, mosaics):
     assert "annotations[0]" in msg and "image_id 2" in msg
 
 
-def test_read_back_validates_the_contract(tmp_path):
-    import pyarrow as pa
 
-    from mlray.io.manifest import build_table, schema_with_vocab
-
-    t = build_table(["a", "b"], ["/x/a.jpg", "/x/b.jpg"], [["cat"], ["dog"]])
-    with pytest.raises(ManifestError, match="labels not in the vocabulary: \\['dog'\\]"):
-        write_manifest(t, ["cat"], str(tmp_path / "m"))
-    dup = build_table(["a", "a"], ["/x/a.jpg", "/x/b.jpg"], [["cat"], []])
-    path = tmp_path / "dup.parquet"
-    pq.write_table(dup.replace_schema_metadata(schema_with_vocab(dup.schema, ["cat"]).metadata), path)
-    with pytest.raises(ManifestError, match="duplicate image_id values.*'a'"):
-        read_manifest(str(path))
-    nometa = tmp_path / "nometa.parquet"
-    pq.write_table(t, nometa)
-    with pytest.raises(ManifestError, match="mlray.labels"):
-        read_manifest(str(nometa))
-    rel = build_table(["a"], ["imgs/a.jpg"], [["cat"]])
-    write_manifest(rel, ["cat"], str(tmp_path / "rel"))
-    back, _ = read_manifest(str(tmp_path / "rel"))
-    assert back.column("uri")[0].as_py() == str(tmp_path / "rel" / "imgs" / "a.jpg")
-    bad_type = pa.table({"image_id": [1, 2], "uri": ["a", "b"], "labels": [["cat"], []]})
-    p3 = tmp_path / "badtype.parquet"
-    pq.write_table(bad_type.replace_schema_metadata(schema_with_vocab(bad_type.schema, ["cat"]).metadata), p3)
-    with pytest.raises(ManifestError, match="'image_id' has type int64"):
-        read_manifest(str(p3))
+# ---- where the images are: relative paths, file://, a manifest moved or synced to S3 ----
 
 
-def test_packed_row_groups_stay_near_their_size_whatever_the_write_size(tmp_path):
-    """A packed row group is what one training read task decodes: 2,000 images
-    written as one table still become many ~8 MB groups, none over the limit by more
-    than one image, and every row is there once."""
-    from mlray.io.manifest import PACKED_ROW_GROUP_BYTES, build_table
+def _first_contact_layout(mosaics, where, n=120, keep_prefix=False):
+    """``where/images/*.jpg`` and ``where/labels.csv`` naming them relative to
+    ``images/`` (the layout a new user starts from; relative to ``where`` with
+    ``keep_prefix``); returns the data rows."""
+    root, csv_path = mosaics
+    lines = _rows(csv_path)
+    rows = lines[1 : n + 1]
+    (where / "images").mkdir(parents=True)
+    for line in rows:
+        name = line.split(",")[0]
+        shutil.copy(os.path.join(root, name), where / name)
+    named = rows if keep_prefix else [r.removeprefix("images/") for r in rows]
+    (where / "labels.csv").write_text("\n".join([lines[0]] + named) + "\n")
+    return rows
 
-    rng = np.random.default_rng(0)
-    n, size = 200, 200_000  # 40 MB of incompressible "images" in one table
-    blobs = [rng.bytes(size) for _ in range(n)]
-    ids = [f"img_{i:04d}.jpg" for i in range(n)]
-    files = write_manifest(build_table(ids, [None] * n, [["cat"]] * n, splits=["train"] * n, images=blobs),
-                           ["cat"], str(tmp_path / "m"))
-    groups = [(md.num_rows, md.total_byte_size) for f in files
-              for md in (pq.ParquetFile(f).metadata.row_group(g) for g in range(pq.ParquetFile(f).metadata.num_row_groups))]
-    assert len(groups) >= 40_000_000 // PACKED_ROW_GROUP_BYTES
-    assert all(b <= PACKED_ROW_GROUP_BYTES + size + 4096 for _, b in groups), groups
-    assert sum(r for r, _ in groups) == n
-    back, _ = read_manifest(str(tmp_path / "m"), with_images=True)
-    assert sorted(back.column("image_id").to_pylist()) == ids
+
+def _every_uri_reads(manifest):
+    table, _ = read_manifest(manifest)
+    uris = table.column("uri").to_pylist()
+    assert uris and all(not isinstance(b, Exception) for b in storage.fetch_many(uris))
+    return uris
+
+
+def test_relative_images_and_out_store_uris_relative_to_the_manifest(mosaics, tmp_path, monkeypatch):
+    """`--images images --out manifest` from the data folder: URIs relative to the
+    manifest's directory, readable from any working directory; `file://` and
+    relative paths that climb out of the current directory mean the same."""
+    rows = _first_contact_layout(mosaics, tmp_path / "work")
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["prepare", "labels.csv", "--images", "images", "--out", "manifest"]) == 0
+    stored = pq.read_table("manifest").column("uri").to_pylist()
+    assert len(stored) == len(rows) and all(u.startswith("../images/mosaic_") for u in stored)
+    monkeypatch.chdir(tmp_path)  # read from elsewhere: the manifest's directory counts, not the current one
+    uris = _every_uri_reads("work/manifest")
+    assert all(u.startswith(str(tmp_path / "work" / "images") + "/") for u in uris)
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["prepare", "labels.csv", "--images", f"file://{tmp_path}/work/images", "--out",
+                 f"file://{tmp_path}/work/m2"]) == 0
+    assert set(pq.read_table(str(tmp_path / "work" / "m2")).column("uri").to_pylist()) == set(stored)
+    (tmp_path / "work" / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "work" / "sub")
+    assert main(["prepare", "../labels.csv", "--images", "../images", "--out", "../../out/m"]) == 0
+    stored = pq.read_table(str(tmp_path / "out" / "m")).column("uri").to_pylist()
+    assert all(u.startswith("../../work/images/mosaic_") for u in stored)
+    assert len(_every_uri_reads(str(tmp_path / "out" / "m"))) == len(rows)
+
+
+@pytest.mark.slow
+def test_a_manifest_moved_or_synced_to_s3_with_its_images_still_reads(mosaics, tmp_path, monkeypatch, bucket,
+                                                                      s3_server):
+    """The relative layout travels: the folder holding the manifest and its images
+    moved on disk, or uploaded to S3 as is, reads every image; a relative URI that
+    climbs above its bucket is refused by name."""
+    rows = _first_contact_layout(mosaics, tmp_path / "work")
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["prepare", "labels.csv", "--images", "images", "--out", "manifest"]) == 0
+    moved = tmp_path / "elsewhere" / "project"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "work", moved)
+    monkeypatch.chdir(tmp_path)
+    assert main(["stats", str(moved / "manifest"), "--json"]) == 0
+    uris = _every_uri_reads(str(moved / "manifest"))
+    assert len(uris) == len(rows) and all(u.startswith(f"{moved}/images/") for u in uris)
+
+    storage.upload_dir(str(moved), f"{bucket}/project")
+    uris = _every_uri_reads(f"{bucket}/project/manifest")
+    assert len(uris) == len(rows) and all(u.startswith(f"{bucket}/project/images/mosaic_") for u in uris)
+    # the manifest alone at the top of a bucket: '../images' would leave it
+    top = s3_server.create_bucket(f"top{uuid.uuid4().hex[:12]}")
+    for f in storage.list_files(f"{bucket}/project/manifest"):
+        storage.write_bytes(f"{top}/{f.rsplit('/', 1)[1]}", storage.read_bytes(f))
+    with pytest.raises(ManifestError, match=r"'\.\./images/mosaic_\d+\.jpg'.*climbs above the bucket"):
+        read_manifest(top)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("images, out", [("images", "manifest"), ("../data", "out/m")])
+def test_first_prepare_with_relative_paths_then_train_decodes_every_image(mosaics, tmp_path, monkeypatch,
+                                                                          images, out, local_ray):
+    """A new user's first two commands, with relative paths as typed: prepare, then
+    a short real training that decodes every image of the manifest."""
+    from mlray.model import rundir
+
+    if images == "images":  # labels.csv and images/ in the current directory
+        _first_contact_layout(mosaics, tmp_path / "work")
+        labels = "labels.csv"
+    else:  # a data folder beside it, its CSV naming images/x.jpg
+        _first_contact_layout(mosaics, tmp_path / "data", keep_prefix=True)
+        (tmp_path / "work").mkdir()
+        labels = "../data/labels.csv"
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["prepare", labels, "--images", images, "--out", out, "--split", "train=0.8,val=0.2"]) == 0
+    (tmp_path / "work" / "tiny.yaml").write_text(
+        "data: {image_size: 64, batch_size: 32, max_error_fraction: 0}\n"
+        "optim: {epochs: 1, freeze_epochs: 1, warmup_epochs: 0.2}\n"
+    )
+    assert main(["train", "--config", "tiny.yaml", f"data.manifest={out}", "run.storage_path=runs",
+                 "run.name=first", "scaling.num_workers=1", "scaling.cpus_per_worker=0.5"]) == 0
+    table, _ = read_manifest(str(tmp_path / "work" / out))
+    n_train = table.column("split").to_pylist().count("train")
+    hist = rundir.read_history(str(tmp_path / "work" / "runs" / "first"))
+    # max_error_fraction=0: one unreadable train or val image would have failed the run
+    assert len(hist) == 1 and hist[0]["decode_errors"] == 0
+    assert n_train - 32 < hist[0]["train_images"] <= n_train  # the whole split, less a partial last batch
