@@ -15,7 +15,7 @@ from PIL import Image
 
 from benchmarks.common import PHOTO_SHAPES, photo_set, steady_from_parts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _check(out, *flags: str, timeout: float = 600) -> subprocess.CompletedProcess:
