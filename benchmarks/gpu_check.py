@@ -281,7 +281,7 @@ def environment(ctx: Ctx) -> tuple[str, dict]:
     if ctx.cpu:
         return f"--cpu: no GPU used; {versions}", d
     names = Counter(f"{g['name']} (sm {g['capability']}, {g['mixed_precision']})" for g in d["gpus"])
-    gpus = ", ".join(f"{n} x{k}" for n, k in names.items()) or "no GPU visible to torch"
+    gpus = ", ".join(f"{n} x{k}" for n, k in names.items()) or ctx.no_cuda or "no GPU visible to torch"
     return f"{gpus}; driver {d['driver']}; {versions}", d
 
 
@@ -876,7 +876,7 @@ def _precondition(ctx: Ctx, name: str, needs: str | None) -> None:
     if name == "environment":
         return
     if ctx.no_cuda:
-        raise Fail(f"not run: {ctx.no_cuda}")
+        raise Fail("not run: no usable CUDA GPU (see environment)")
     if needs and ctx.cpu:
         raise Skip("needs CUDA (--cpu)")
     if needs == "gpus" and ctx.gpus < 2:
@@ -906,24 +906,35 @@ def run_stages(ctx: Ctx) -> dict[str, dict]:
     results: dict[str, dict] = {}
     for name, needs, stage in STAGES:
         t = time.perf_counter()
-        status, reason, result, details = "pass", None, "", {}
+        result, details = "", {}
         try:
             _precondition(ctx, name, needs)
-            result, details = stage(ctx)
-        except Skip as e:
-            status, reason = "skipped", str(e)
-        except Fail as e:
-            status, reason, details = "fail", str(e), e.details
-        except Exception as e:  # noqa: BLE001 - any error is this stage's failure, reported, and the rest still run
-            first = (str(e).strip().splitlines() or [""])[0][:400]
-            status, reason = "fail", f"{type(e).__name__}: {first}"
-            details = {"traceback": traceback.format_exc()[-4000:]}
-        finally:
-            _release()
+        except (Skip, Fail) as e:  # not run: nothing to release
+            status, reason = ("skipped" if isinstance(e, Skip) else "fail"), str(e)
+        else:
+            status, reason, result, details = _run_stage(ctx, stage)
         results[name] = {"status": status, "seconds": round(time.perf_counter() - t, 2), "reason": reason,
                          "result": result, "details": details}
         print(f"{name}: {status} ({results[name]['seconds']:.1f} s) {reason or result}", flush=True)
     return results
+
+
+def _run_stage(ctx: Ctx, stage: Callable[[Ctx], tuple[str, dict]]) -> tuple[str, str | None, str, dict]:
+    """(status, reason, result, details) of one stage, any error its failure."""
+    status, reason, result, details = "pass", None, "", {}
+    try:
+        result, details = stage(ctx)
+    except Skip as e:
+        status, reason = "skipped", str(e)
+    except Fail as e:
+        status, reason, details = "fail", str(e), e.details
+    except Exception as e:  # noqa: BLE001 - any error is this stage's failure, reported, and the rest still run
+        first = (str(e).strip().splitlines() or [""])[0][:400]
+        status, reason = "fail", f"{type(e).__name__}: {first}"
+        details = {"traceback": traceback.format_exc()[-4000:]}
+    finally:
+        _release()
+    return status, reason, result, details
 
 
 def ratios(ctx: Ctx) -> dict:
