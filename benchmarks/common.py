@@ -304,10 +304,10 @@ def part_times(out: str) -> list[tuple[float, int]]:
     """(modification time, rows) of each Parquet part of a tag OUT, oldest first.
     A part appears atomically when its rows are written, so the times trace the
     job's progress from inside one run."""
-    import pyarrow.parquet as pq
+    from mlray.io.tagged import out_files
 
-    parts = [os.path.join(out, f) for f in os.listdir(out) if f.endswith(".parquet") and not f.startswith(".")]
-    return sorted((os.stat(p).st_mtime_ns / 1e9, pq.read_metadata(p).num_rows) for p in parts)
+    parts = out_files(out)
+    return sorted((os.stat(f).st_mtime_ns / 1e9, rows) for f, rows in zip(parts.files, parts.rows))
 
 
 def steady_from_parts(parts: list[tuple[float, int]], warmup: float = 0.25) -> dict:
