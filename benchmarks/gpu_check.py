@@ -81,9 +81,15 @@ if TYPE_CHECKING:
 # 4) once resized to 224 px, so a decoder may differ from another by twice that.
 DECODE_TOLERANCE = {"mean": 2.0, "p99": 12.0}
 # Scores (sigmoid, 0-1) on the GPU against fp32 on the CPU, largest difference:
-# bf16 and fp16 keep 8 and 11 bits of mantissa (about 1% of the scores' scale);
-# fp32 on a GPU may still run convolutions in TF32.
-SCORES_TOLERANCE = {"bfloat16": 0.05, "float16": 0.05, "fp32": 0.01}
+# bf16 keeps 8 bits of mantissa and moved scores by up to 0.03 on a CPU
+# (benchmarks/RESULTS.md, --precision bf16); fp16 keeps 11; fp32 on a GPU may
+# still run convolutions in TF32.
+SCORES_TOLERANCE = {"bfloat16": 0.1, "float16": 0.05, "fp32": 0.01}
+# The same files tagged with --decode device and --decode cpu: nvJPEG's pixels are
+# not Pillow's, and a pixel difference within DECODE_TOLERANCE moves a score near
+# the sigmoid's middle by up to about 0.2 (benchmarks/RESULTS.md, decode parity);
+# on average it moves them by about 0.01.
+DECODE_SCORES_TOLERANCE = {"mean": 0.02, "max": 0.3}
 # On the CPU: BatchNorm folded against the model as trained (``factory.fused_model``
 # checks 1e-3 of the logits' scale), and a batch against its halves.
 FUSED_TOLERANCE, SPLIT_TOLERANCE = 1e-3, 1e-4
@@ -742,20 +748,24 @@ def tag_cpu(ctx: Ctx) -> tuple[str, dict]:
         ids = sorted(a)
         diff = _score_diff(np.stack([a[i] for i in ids]), np.stack([b[i] for i in ids]))
         d["scores_vs_decode_device"] = diff
-        text += f"; scores vs --decode device: max {diff['max']:.4f}, same top label {diff['same_top_label']:.0%}"
-        # nvJPEG's decode within DECODE_TOLERANCE of Pillow's moves scores about as far as bf16 does
-        if diff["max"] > SCORES_TOLERANCE["bfloat16"]:
-            raise Fail(f"{text}: the two decode modes score the same files apart (> {SCORES_TOLERANCE['bfloat16']})", d)
+        text += (f"; scores vs --decode device: mean {diff['mean']:.4f}, max {diff['max']:.4f}, "
+                 f"same top label {diff['same_top_label']:.0%}")
+        if diff["mean"] > DECODE_SCORES_TOLERANCE["mean"] or diff["max"] > DECODE_SCORES_TOLERANCE["max"]:
+            raise Fail(f"{text}: the two decode modes score the same files apart (tolerance "
+                       f"{DECODE_SCORES_TOLERANCE})", d)
     return text, d
 
 
 def _tag_scores(out: str) -> dict[str, np.ndarray]:
-    import pyarrow.parquet as pq
+    from mlray.io.storage import read_table
+    from mlray.io.tagged import out_files
 
-    parts = [os.path.join(out, f) for f in os.listdir(out) if f.endswith(".parquet") and not f.startswith(".")]
-    table = pq.read_table(parts, columns=["image_id", "scores"])
-    return dict(zip(table.column("image_id").to_pylist(),
-                    (np.array(s, np.float32) for s in table.column("scores").to_pylist())))
+    scores: dict[str, np.ndarray] = {}
+    for f in out_files(out).files:
+        table = read_table(f, columns=["image_id", "scores"])
+        scores.update(zip(table.column("image_id").to_pylist(),
+                          (np.array(s, np.float32) for s in table.column("scores").to_pylist())))
+    return scores
 
 
 # ---------------------------------------------------------------------------- training throughput and DDP
