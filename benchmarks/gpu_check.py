@@ -887,6 +887,8 @@ def _precondition(ctx: Ctx, name: str, needs: str | None) -> None:
         return
     if ctx.no_cuda:
         raise Fail("not run: no usable CUDA GPU (see environment)")
+    if needs == "gpus" and ctx.cpu:
+        raise Skip("needs 2 CUDA GPUs (NCCL between 2 workers); --cpu uses none")
     if needs and ctx.cpu:
         raise Skip("needs CUDA (--cpu)")
     if needs == "gpus" and ctx.gpus < 2:
