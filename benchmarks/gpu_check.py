@@ -3,8 +3,8 @@ is checked against its CPU counterpart, and is timed.
 
     python -m benchmarks.gpu_check --out out/gpu_check [--cpu] [--minutes 8]      (make gpu-check)
 
-Needs no make, no pip and no network (mlray and its dependencies only), and
-about 3 minutes on one GPU. Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md``
+Needs no make, no pip and no network (mlray and its dependencies only); sized
+to finish within the default ``--minutes`` on one GPU with 16 cores. Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md``
 (one row per stage: pass, fail or skipped with the reason, seconds, result) and
 exits 1 when a stage failed. ``--cpu`` runs every stage that needs no CUDA, small,
 with the same stages in the same JSON shape (the CUDA ones skipped, saying so).
