@@ -194,7 +194,20 @@ def _on_signal(signum: int, frame) -> None:
     if _SIGNALS["received"] is not None:  # a second one while unwinding: leave now
         os._exit(128 + _SIGNALS["received"])
     _SIGNALS["received"] = signum
+    _mute_workers()
     raise Interrupted(signum)
+
+
+def _mute_workers() -> None:
+    """Worker output stops reaching this console: the job is being abandoned, and
+    what its workers print while they die (a terminal's Ctrl-C reaches them too;
+    Ray Train's placement-group cleaner loses its GCS mid-call) would bury the one
+    line that says what happened and how to continue."""
+    if "ray" not in sys.modules:  # nothing started: nothing to mute
+        return
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+    global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
 
 
 def catch_interrupts() -> None:

@@ -189,7 +189,9 @@ def _relative_manifest(tmp_path, mosaics, n=100) -> str:
     src = tmp_path / "good"
     prepare(csv_path, root, str(src), split="train=0.8,val=0.2")
     table, vocab = read_manifest(str(src))
-    table = table.slice(0, n)
+    split = table.column("split").to_pylist()
+    keep = [i for i, s in enumerate(split) if s == "train"][: n * 4 // 5] + [i for i, s in enumerate(split) if s == "val"][: n // 5]
+    table = table.take(pa.array(sorted(keep)))  # both splits: training would start
     rel = [os.path.relpath(u, root) for u in table.column("uri").to_pylist()]  # images/mosaic_....jpg
     table = table.set_column(table.column_names.index("uri"), "uri", pa.array(rel, pa.string()))
     out = tmp_path / "elsewhere" / "manifest"
@@ -319,7 +321,8 @@ def test_on_a_cluster_the_job_says_what_it_waits_for_then_gives_up(ray_head, sma
     done = _submit(ray_head, sys.executable, "jobs/train.py", *args)
     log = done.stdout + done.stderr
     assert done.returncode != 0, log
-    waiting = [x for x in log.splitlines() if "waiting for the cluster to fit 1 training workers x (4 CPU), PACK" in x]
+    tailed = log.split("Status message:")[0]  # a failed job's logs are then shown again
+    waiting = [x for x in tailed.splitlines() if "waiting for the cluster to fit 1 training workers x (4 CPU), PACK" in x]
     assert len(waiting) == 1 and "up to 5 s (scaling.resource_wait)" in waiting[0], log
     assert "error: scaling.num_workers=1 x scaling.cpus_per_worker=4: the cluster did not fit" in log, log
     assert "Traceback" not in log and time.time() - t0 < 120, log

@@ -12,7 +12,7 @@ import pytest
 
 from mlray.io import storage
 from mlray.cli import main
-from mlray.io.manifest import LABELS_KEY, read_manifest
+from mlray.io.manifest import LABELS_KEY, ManifestError, read_manifest
 from mlray.data.prepare import prepare
 from mlray.data.sources import SourceError
 

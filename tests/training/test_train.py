@@ -13,20 +13,11 @@ import pytest
 
 from mlray.model import rundir
 from mlray.io import storage
+from configs import small_run_config
 from mlray.config import build_config
 
 pytestmark = pytest.mark.slow  # Ray Train runs, and checkpoints read from the S3 server
 
-
-def _cfg(manifest, storage_path, name, **over):
-    tree = {
-        "data": {"manifest": manifest, "image_size": 64, "batch_size": 16, "decode_batch_size": 64},
-        "model": {"name": "tf_efficientnet_lite0", "pretrained": "efficientnet-lite0"},
-        "optim": {"epochs": 2, "lr": 2e-3, "freeze_epochs": 1, "warmup_epochs": 0.2},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
-        "run": {"storage_path": storage_path, "name": name, "max_failures": 2},
-    }
-    return build_config(tree, [f"{k}={v}" for k, v in over.items()])
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +74,7 @@ def test_two_workers_learn_from_s3_checkpoint_there_and_a_killed_worker_resumes(
     from mlray.training.trainer import train
 
     manifest, bucket = s3_manifest
-    cfg = _cfg(manifest, f"{bucket}/runs", "ddp2", **{"optim.epochs": 3})
+    cfg = small_run_config(manifest, f"{bucket}/runs", "ddp2", **{"optim.epochs": 3})
     d = rundir.run_dir(cfg)
     t, box = _train_in_thread(cfg)
     _wait_for_checkpoint(d, 1)
@@ -159,7 +150,7 @@ def test_two_nodes_for_real_and_losing_one_resumes(s3_manifest):
         first = cluster.add_node(num_cpus=2)
         cluster.add_node(num_cpus=2)
         ray.init(address=cluster.address)
-        cfg = _cfg(manifest, f"{bucket}/runs", "two-nodes", **{
+        cfg = small_run_config(manifest, f"{bucket}/runs", "two-nodes", **{
             "scaling.placement_strategy": "STRICT_SPREAD", "scaling.cpus_per_worker": 1,
             "data.decode_cpus": 0.5,
         })
