@@ -173,6 +173,17 @@ def test_every_shipped_config_resolves_its_weights(path):
     cfg = load_config(path, ["data.manifest=unused", "run.name=x"])
     where = resolve_weights(cfg.model, check_hub=False)
     assert where is None or where == "hub" or os.path.exists(where), where
+    if cfg.scaling.use_gpu:  # one GPU per rank, and a node's ranks together: DDP's all-reduce stays on NVLink
+        assert cfg.scaling.gpus_per_worker == 1 and cfg.scaling.placement_strategy in ("PACK", "STRICT_PACK")
+
+
+def test_scoring_batches_are_sized_for_the_device_that_scores_them():
+    """64-image calls kept a GPU actor waiting on Python between small batches."""
+    from mlray.model.scoring import default_batch_size
+    from mlray.tagging.job import TagOptions
+
+    assert TagOptions().batch_size is None  # resolved per device, not one default for both
+    assert default_batch_size(1.0) == 256 and default_batch_size(0.5) == 256 and default_batch_size(0.0) == 64
 
 
 # ---------------------------------------------------------------------------- manifest URIs
