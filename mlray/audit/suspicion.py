@@ -12,10 +12,14 @@ label j with logit z, as log-odds of being an error:
 
 * **missing** (labelled 0): forgotten positives score like the labelled
   positives and number a share rho of them:  log rho + log(n_pos / n_neg) +
-  llr(z), averaged (weight ``HEAD_WEIGHT``) with the head's own logit z, whose
-  per-image sharpness the label-level model lacks.
+  llr(z).
 * **wrong** (labelled 1): wrong tags score like the label's negatives and
   number a share phi of its positives:  log phi - llr(z).
+
+Each is averaged (weight ``HEAD_WEIGHT``) with what the head's own score says
+under the same noise (forgotten at one rate, wrong tags in proportion to the
+label's use): z for missing, log(n_pos / n_neg) - z for wrong; the head is
+sharp per image where the label-level model is smooth.
 
 The suspicion is the sigmoid of that: an estimated probability that the pair is
 an error, so 0.5 reads "more likely wrong than right" on every label. rho and
@@ -23,8 +27,8 @@ phi are the model's own: each is the fixed point at which the rate equals the
 mean posterior it implies over the labelled negatives (positives). Counting
 pairs past a confident-learning threshold (mean score of the labelled
 positives) overcounts tenfold when the heads are weak, and per-label
-tail-share ratios were noisy on rare labels; both lost to this on the
-benchmark's tuning folds. ``benchmarks/audit.py`` compares the ranking with
+tail-share ratios were noisy on rare labels; both lost to this when tuned
+(``SHRINK``, ``HEAD_WEIGHT``) on a second noise draw's train and val rows. ``benchmarks/audit.py`` compares the ranking with
 plain disagreement |y - p|, per-label confident-learning thresholds and
 cleanlab's multi-label label-quality scores on the same out-of-fold scores.
 """
@@ -38,8 +42,8 @@ import numpy as np
 LOGIT_RANGE = 16.0  # scores are binned on logit(p) in [-16, 16]: sigmoid outputs beyond are 1e-7 from 0 or 1
 BINS = 2048  # 1/64 of a logit per bin
 MISSING, WRONG = "missing", "wrong"
-SHRINK = 20.0  # pseudo positives pulling a label's gap and variance toward the pooled ones (tuned on folds)
-HEAD_WEIGHT = 0.5  # weight of the head's own logit in a missing pair's log-odds (tuned on folds)
+SHRINK = 20.0  # pseudo positives pulling a label's gap and variance toward the pooled ones (tuned, see above)
+HEAD_WEIGHT = 0.5  # weight of the head's own log-odds against the label model's (tuned, see above)
 
 
 def score_bins(scores: np.ndarray) -> np.ndarray:
@@ -155,7 +159,7 @@ def calibrate(stats: LabelStats, min_positives: int = 5, shrink: float = SHRINK,
     rho = _rate(np.where(a, neg, 0.0), prior + llr, total)
     phi = _rate(np.where(a, pos, 0.0), -llr, total)
     missing_lo = np.log(rho) + (1 - head_weight) * (prior + llr) + head_weight * z[None, :]
-    wrong_lo = np.log(phi) - llr
+    wrong_lo = np.log(phi) - (1 - head_weight) * llr + head_weight * (prior - z[None, :])
     est_missing = np.where(audited, (neg * _sigmoid(np.log(rho) + prior + llr)).sum(1), 0.0)
     est_wrong = np.where(audited, (pos * _sigmoid(wrong_lo)).sum(1), 0.0)
     return Calibration(_sigmoid(missing_lo).astype(np.float32), _sigmoid(wrong_lo).astype(np.float32), audited,
