@@ -66,7 +66,8 @@ def test_folds_refuse_too_few_groups_or_folds():
 
 def test_suspicion_is_comparable_across_labels_and_ranks_errors_first():
     """Two labels, one easy (scores far apart) and one hard (close): the planted
-    errors of both come first, ahead of the hard label's ordinary negatives."""
+    errors of both come first, ahead of the hard label's ordinary negatives; the
+    estimated error rates and the flag at 0.5 mean what they say."""
     rng = np.random.default_rng(1)
     n = 4000
     y = np.zeros((n, 2), np.uint8)
@@ -85,7 +86,13 @@ def test_suspicion_is_comparable_across_labels_and_ranks_errors_first():
     cal = calibrate(LabelStats.of(s, noisy))
     sus = cal.suspicion(s, noisy)
     assert sus.min() >= 0 and sus.max() < 1
-    assert cal.rho > 0 and cal.phi > 0
+    # the report's estimated rates are the planted ones within a factor of two
+    planted_pos = noisy.sum()
+    assert 0.5 < cal.rho / (len(missing) / planted_pos) < 2 and 0.5 < cal.phi / (len(wrong) / planted_pos) < 2
+    # suspicion is a probability of error: most pairs flagged at 0.5 are planted errors
+    truth = np.zeros_like(noisy, bool)
+    truth[tuple(np.array(missing + wrong).T)] = True
+    assert (sus >= 0.5).sum() >= 10 and truth[sus >= 0.5].mean() >= 0.8
     # the easy label's planted missing labels rank above the hard label's true negatives
     easy_missing = np.array([sus[i, 0] for i, j in missing if j == 0])
     hard_true_neg = sus[noisy[:, 1] == 0, 1][1200:]  # rows that are negative for label 1 in truth too
