@@ -81,11 +81,11 @@ def inject_noise(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 def noisy_manifest(clean: str, seed: int, dest: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """The clean manifest's rows with noisy labels, in export order (by id, as the
-    CSV lists them), without packed bytes. Returns (manifest, clean y, missing,
-    wrong, ids) in that order."""
+    CSV lists them), with its packed bytes (so a full train reads the same images).
+    Returns (manifest, clean y, missing, wrong, ids) in that order."""
     from mlray.io.manifest import ManifestWriter, multi_hot, read_manifest
 
-    table, vocab = read_manifest(clean)
+    table, vocab = read_manifest(clean, with_images=True)
     table = table.take(pc.sort_indices(table.column("image_id")))
     y = multi_hot(table.column("labels"), vocab)
     noisy, missing, wrong = inject_noise(y, seed)
