@@ -43,6 +43,7 @@ LOGIT_RANGE = 16.0  # scores are binned on logit(p) in [-16, 16]: sigmoid output
 BINS = 2048  # 1/64 of a logit per bin
 MISSING, WRONG = "missing", "wrong"
 SHRINK = 20.0  # pseudo positives pulling a label's gap and variance toward the pooled ones (tuned, see above)
+RATE_FLOOR = 0.01  # lowest error rate assumed: below it the fixed point cannot tell errors from score tails
 HEAD_WEIGHT = 0.5  # weight of the head's own log-odds against the label model's (tuned, see above)
 
 
@@ -121,11 +122,14 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 def _rate(counts: np.ndarray, log_odds: np.ndarray, per: float) -> float:
     """The error rate r (errors per labelled positive, ``per`` of them) at which r
     equals the mean posterior sigmoid(log r + log_odds) over the pairs in ``counts``:
-    a unique fixed point, as that mean grows slower than r."""
+    a unique fixed point, as that mean grows slower than r. Where the scores show
+    no excess of error-like pairs (weak heads, few errors) it sinks toward 0 and
+    every suspicion with it, so it is held at ``RATE_FLOOR``: the ranking still
+    lists the most suspicious pairs."""
     r = 0.1
     for _ in range(200):
         new = float((counts * _sigmoid(np.log(r) + log_odds)).sum() / per)
-        new = min(max(new, 1e-6), 1.0)
+        new = min(max(new, RATE_FLOOR), 1.0)
         if abs(new - r) < 1e-7 * r:
             break
         r = new

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlray.audit.folds import assign_folds, content_groups, rarest_label
-from mlray.audit.suspicion import LabelStats, calibrate
+from mlray.audit.job import AuditOptions
+from mlray.audit.suspicion import RATE_FLOOR, LabelStats, calibrate
 from mlray.cli import main as cli
 from mlray.data.fixes import FIXES_KEY
 from mlray.io.manifest import build_table, read_manifest, write_manifest
@@ -100,6 +101,23 @@ def test_suspicion_is_comparable_across_labels_and_ranks_errors_first():
     # merged statistics equal those of the whole
     half = LabelStats.of(s[:2000], noisy[:2000]) + LabelStats.of(s[2000:], noisy[2000:])
     assert np.array_equal(half.pos, LabelStats.of(s, noisy).pos)
+
+
+def test_suspicion_of_weak_heads_still_lists_the_most_suspicious_pairs():
+    """Scores that barely separate a label and show no excess of error-like pairs:
+    the estimated error rates stay at their floor instead of sinking to zero, so
+    the audit still lists pairs above its default floor, most suspicious first."""
+    rng = np.random.default_rng(3)
+    y = (rng.random((2000, 5)) < 0.2).astype(np.uint8)
+    s = (1 / (1 + np.exp(-(rng.normal(size=y.shape) + 0.8 * y - 1.0)))).astype(np.float32)
+    cal = calibrate(LabelStats.of(s, y))
+    assert RATE_FLOOR <= cal.rho < 0.05 and RATE_FLOOR <= cal.phi < 0.05
+    sus = cal.suspicion(s, y)
+    assert (sus >= AuditOptions().floor).sum() >= 20
+    # still in score order within a label and kind
+    neg = y[:, 0] == 0
+    order = np.argsort(s[neg, 0])
+    assert np.all(np.diff(sus[neg, 0][order]) >= 0)
 
 
 # ---------------------------------------------------------------------------- prepare --fixes
