@@ -53,8 +53,8 @@ class AuditOptions:
 
     folds: int = option(5, "cross-validation folds: each image is scored by a head fitted on the other folds",
                         low=2, integer=True)
-    cut: float = option(0.5, "suspicion at or above which a pair is flagged (an estimated share of errors "
-                        "among pairs at least as extreme)", low=0)
+    cut: float = option(0.5, "suspicion at or above which a pair is flagged (the estimated probability "
+                        "that the label as it stands is an error)", low=0)
     floor: float = option(0.01, "lowest suspicion a pair needs to be listed in the ranking", low=0)
     min_positives: int = option(5, "labels with fewer labelled positives (or negatives) are not audited "
                                 "(listed in the report)", low=1, integer=True)
@@ -118,7 +118,7 @@ class AuditResult:
 def check_audit_options(opts: AuditOptions) -> None:
     check_options(opts)
     if not 0 < opts.cut <= 1:
-        raise ValueError(f"--cut {opts.cut}: must be in (0, 1] (an estimated share of errors)")
+        raise ValueError(f"--cut {opts.cut}: must be in (0, 1] (an estimated probability of an error)")
     if not opts.floor <= opts.cut:
         raise ValueError(f"--floor {opts.floor}: must not exceed --cut {opts.cut}")
     if opts.stop_fraction >= 0.5:

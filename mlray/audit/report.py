@@ -92,7 +92,7 @@ def render(manifest: str, result, per_label: list[dict], top: dict, opts, thumbs
         f"out-of-fold heads; {result.labels_audited} labels judged. Estimated {result.rho:.1%} of positive labels "
         f"forgotten and {result.phi:.1%} put on the wrong image. <b>{flagged.get(MISSING, 0)}</b> missing and "
         f"<b>{flagged.get(WRONG, 0)}</b> wrong labels flagged (suspicion &ge; {opts.cut}; red frame). "
-        f"Suspicion is the estimated share of errors among the label's pairs at least this extreme, so it reads "
+        f"Suspicion is the estimated probability that the label as it stands is an error, so it reads "
         f"the same on every label.</p><p>To apply: set <code>keep</code> in <code>fixes.csv</code> (1 applies, 0 "
         f"leaves the label), then <code>mlray prepare --fixes {html.escape(storage.join(result.out, 'fixes.csv'))} "
         f"--manifest {html.escape(manifest)} --out NEW_MANIFEST</code>.</p>"

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlray.audit.folds import assign_folds, content_groups, rarest_label
-from mlray.audit.suspicion import LabelStats, calibrate
+from mlray.audit.job import AuditOptions
+from mlray.audit.suspicion import RATE_FLOOR, LabelStats, calibrate
 from mlray.cli import main as cli
 from mlray.data.fixes import FIXES_KEY
 from mlray.io.manifest import build_table, read_manifest, write_manifest
@@ -66,7 +67,8 @@ def test_folds_refuse_too_few_groups_or_folds():
 
 def test_suspicion_is_comparable_across_labels_and_ranks_errors_first():
     """Two labels, one easy (scores far apart) and one hard (close): the planted
-    errors of both come first, ahead of the hard label's ordinary negatives."""
+    errors of both come first, ahead of the hard label's ordinary negatives; the
+    estimated error rates and the flag at 0.5 mean what they say."""
     rng = np.random.default_rng(1)
     n = 4000
     y = np.zeros((n, 2), np.uint8)
@@ -85,7 +87,13 @@ def test_suspicion_is_comparable_across_labels_and_ranks_errors_first():
     cal = calibrate(LabelStats.of(s, noisy))
     sus = cal.suspicion(s, noisy)
     assert sus.min() >= 0 and sus.max() < 1
-    assert cal.rho > 0 and cal.phi > 0
+    # the report's estimated rates are the planted ones within a factor of two
+    planted_pos = noisy.sum()
+    assert 0.5 < cal.rho / (len(missing) / planted_pos) < 2 and 0.5 < cal.phi / (len(wrong) / planted_pos) < 2
+    # suspicion is a probability of error: most pairs flagged at 0.5 are planted errors
+    truth = np.zeros_like(noisy, bool)
+    truth[tuple(np.array(missing + wrong).T)] = True
+    assert (sus >= 0.5).sum() >= 10 and truth[sus >= 0.5].mean() >= 0.8
     # the easy label's planted missing labels rank above the hard label's true negatives
     easy_missing = np.array([sus[i, 0] for i, j in missing if j == 0])
     hard_true_neg = sus[noisy[:, 1] == 0, 1][1200:]  # rows that are negative for label 1 in truth too
@@ -93,6 +101,23 @@ def test_suspicion_is_comparable_across_labels_and_ranks_errors_first():
     # merged statistics equal those of the whole
     half = LabelStats.of(s[:2000], noisy[:2000]) + LabelStats.of(s[2000:], noisy[2000:])
     assert np.array_equal(half.pos, LabelStats.of(s, noisy).pos)
+
+
+def test_suspicion_of_weak_heads_still_lists_the_most_suspicious_pairs():
+    """Scores that barely separate a label and show no excess of error-like pairs:
+    the estimated error rates stay at their floor instead of sinking to zero, so
+    the audit still lists pairs above its default floor, most suspicious first."""
+    rng = np.random.default_rng(3)
+    y = (rng.random((2000, 5)) < 0.2).astype(np.uint8)
+    s = (1 / (1 + np.exp(-(rng.normal(size=y.shape) + 0.8 * y - 1.0)))).astype(np.float32)
+    cal = calibrate(LabelStats.of(s, y))
+    assert RATE_FLOOR <= cal.rho < 0.05 and RATE_FLOOR <= cal.phi < 0.05
+    sus = cal.suspicion(s, y)
+    assert (sus >= AuditOptions().floor).sum() >= 20
+    # still in score order within a label and kind
+    neg = y[:, 0] == 0
+    order = np.argsort(s[neg, 0])
+    assert np.all(np.diff(sus[neg, 0][order]) >= 0)
 
 
 # ---------------------------------------------------------------------------- prepare --fixes
@@ -233,7 +258,9 @@ def test_audit_finds_planted_label_errors_on_real_images(trained_run, local_ray,
                                     pa.array(labels, pa.list_(pa.string()))), vocab, noisy)
     out = str(tmp_path / "audit")
     # no --embeddings: every image is embedded with the run's backbone in a Ray Data job
-    assert cli(["audit", "--manifest", noisy, "--model", run, "--out", out, "--epochs", "150", "--patience", "20"]) == 0
+    # the shared run's features are weak (val mAP under 0.5), so suspicions stay low: a reviewer lowers --cut
+    assert cli(["audit", "--manifest", noisy, "--model", run, "--out", out, "--epochs", "150", "--patience", "20",
+                "--cut", "0.05"]) == 0
     said = capsys.readouterr().out
     assert f"{table.num_rows} audited" in said and "computed from images now" in said
     suspects = pq.read_table(os.path.join(out, "suspects.parquet")).to_pylist()
@@ -244,7 +271,7 @@ def test_audit_finds_planted_label_errors_on_real_images(trained_run, local_ray,
     ranks = sorted(rank.get(p, pairs) for p in planted)  # a pair not in the ranking counts as last
     found = sum(r < 2 * n for r in ranks)
     chance = 2 * n * n / pairs  # planted pairs expected in the top 2N of a random ranking
-    assert found >= 4 * chance, (found, chance, ranks)
+    assert found >= 3 * chance, (found, chance, ranks)
     assert ranks[n // 2] < pairs / 3, ranks  # the median planted pair in the top third
     page = open(os.path.join(out, "report.html")).read()
     assert "data:image/jpeg;base64," in page and "<script" not in page and "http" not in page.replace(
