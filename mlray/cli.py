@@ -219,7 +219,7 @@ def _precision_flag(parser: argparse.ArgumentParser) -> None:
         "--precision", default="auto", choices=list(PRECISIONS),
         help="scoring precision: auto = the run's mixed precision on a GPU (bf16 or fp16), fp32 on CPU; "
              "bf16 on a GPU and on CPUs with avx512_bf16 or AMX (about 2x faster there; other CPUs, where it "
-             "is emulated and ~10x slower, score in fp32), "
+             "is emulated and ~11x slower, score in fp32), "
              "scores within ~1%% of fp32. Evaluate in the precision you tag in.",
     )
 
