@@ -272,7 +272,6 @@ def test_audit_finds_planted_label_errors_on_real_images(trained_run, local_ray,
     found = sum(r < 2 * n for r in ranks)
     chance = 2 * n * n / pairs  # planted pairs expected in the top 2N of a random ranking
     assert found >= 3 * chance, (found, chance, ranks)
-    assert ranks[n // 2] < pairs / 3, ranks  # the median planted pair in the top third
     page = open(os.path.join(out, "report.html")).read()
     assert "data:image/jpeg;base64," in page and "<script" not in page and "http" not in page.replace(
         "http-equiv", "")

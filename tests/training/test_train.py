@@ -212,7 +212,10 @@ def test_bad_images_are_counted_resume_continues_and_too_many_fail(local_ray, mo
     assert [h["input_from_disk"] for h in hist] == [False, False, True]
     assert not any(h["input_from_memory"] for h in hist)
     assert [h["decode_errors"] for h in hist] == [3, 3, 3]
-    assert len({h["train_images"] for h in hist}) == 1  # every trained row of the split, whichever source
+    # every trained row of the split, whichever source: the epochs differ only by the bad rows
+    # that a new order puts into the short last batch, which is not trained on
+    trained = [h["train_images"] for h in hist]
+    assert max(trained) - min(trained) <= 3 and min(trained) > 0, trained
     assert os.listdir(tmp_path / "spill") == []  # the spill file was never visible, and is gone
 
     strict = cfg.model_copy(update={
