@@ -159,17 +159,29 @@ class InputClock:
         return batch
 
 
+def _next_full(it, batch_size: int, decoded, skipped_errors: list) -> dict | None:
+    """The next full batch of a stream, or None at its end. A short batch is not
+    always the last: with a local shuffle buffer larger than what is left, Ray Data
+    hands out the remainder first. Short ones are not trained on; their decode
+    errors are still counted."""
+    for batch in it:
+        if len(batch["image_id"]) == batch_size:
+            return batch
+        skipped_errors += _error_rows(decoded(batch))
+    return None
+
+
 def _batches(source, dist: Dist, skipped_errors: list, *, batch_size: int, decoded=lambda b: b,
              steps: int | None = None):
-    """Yield full batches of ``source`` (``batch_size`` rows, the last may be short),
-    the same number on every worker.
+    """Yield full batches of ``source`` (``batch_size`` rows), the same number on
+    every worker.
 
     ``steps``: how many full batches every worker is known to have (a replayed
     epoch, counted once for all of them): that many are yielded without asking.
     None (a streamed epoch, whose end is known only when it comes): before each
     batch the workers agree that every one of them still has one (``Dist.all_have``).
 
-    Rows that are not trained on (the short last batch, and what a worker has
+    Rows that are not trained on (short batches, wherever they come, and what a worker has
     left when another one ran out) are still read to the end, so that their
     decode errors land in ``skipped_errors``: every bad row is counted, not
     only those that happened to fall in a trained batch.
@@ -177,11 +189,13 @@ def _batches(source, dist: Dist, skipped_errors: list, *, batch_size: int, decod
     it = iter(source)
     done = 0
     while True:
-        batch = next(it, None)
-        full = batch is not None and len(batch["image_id"]) == batch_size
         if steps is None:
+            batch = _next_full(it, batch_size, decoded, skipped_errors)
+            full = batch is not None
             go = dist.all_have(full)
         else:
+            batch = next(it, None)
+            full = batch is not None and len(batch["image_id"]) == batch_size
             go = done < steps
             if go and not full:
                 raise RuntimeError(f"this worker's epoch ended after {done} full batches of {batch_size}, "

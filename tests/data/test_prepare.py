@@ -322,12 +322,7 @@ def test_a_manifest_moved_or_synced_to_s3_with_its_images_still_reads(mosaics, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("images, out", [
-    ("images", "manifest"),
-    pytest.param("../data", "out/m", marks=pytest.mark.xfail(
-        reason="known bug, not yet found: prepare and the manifest read back right (the driver streams every "
-               "row in full batches), but the Ray Train worker's first epoch trains 0 steps", strict=False)),
-])
+@pytest.mark.parametrize("images, out", [("images", "manifest"), ("../data", "out/m")])
 def test_first_prepare_with_relative_paths_then_train_decodes_every_image(mosaics, tmp_path, monkeypatch,
                                                                           images, out, local_ray):
     """A new user's first two commands, with relative paths as typed: prepare, then

@@ -212,6 +212,19 @@ def test_workers_with_unequal_shards_step_together_and_every_error_is_counted(tm
     assert r0["gathered"] == r1["gathered"] == [0, 1] and r0["sum"] == r1["sum"] == [3.0]
 
 
+def test_a_short_batch_first_does_not_end_a_streamed_epoch():
+    """With a local shuffle buffer larger than the rows left, Ray Data hands out the
+    remainder first (91 rows in batches of 32 came as 27, 32, 32): the epoch once
+    ended there, trained 0 steps, and reported a loss of 0. Short batches are
+    skipped wherever they come; their bad rows are still counted."""
+    from mlray.training.recipe import Dist, _batches
+
+    stream = [_batch(0, n=3, errors=(1,)), _batch(1), _batch(2), _batch(3, n=2)]
+    skipped: list = []
+    stepped = [b["image_id"][0] for b in _batches(stream, Dist(1, torch.device("cpu")), skipped, batch_size=4)]
+    assert stepped == ["b1_0", "b2_0"] and [i for i, _ in skipped] == ["b0_1"]
+
+
 def test_input_wait_is_the_time_blocked_on_the_next_batch_only():
     """``input wait`` counted the step agreement, which under NCCL waited for the
     previous step's GPU work: a compute-bound run looked input-bound. It is now
