@@ -58,6 +58,7 @@ import sys
 import threading
 import time
 import traceback
+from functools import partial
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -493,18 +494,6 @@ def _train_steps(ctx: Ctx, precision: str) -> tuple[str, dict]:
     return text, d
 
 
-def train_fp32(ctx: Ctx) -> tuple[str, dict]:
-    return _train_steps(ctx, "fp32")
-
-
-def train_bf16(ctx: Ctx) -> tuple[str, dict]:
-    return _train_steps(ctx, "bf16")
-
-
-def train_fp16(ctx: Ctx) -> tuple[str, dict]:
-    return _train_steps(ctx, "fp16")
-
-
 def _syncs(recipe: Recipe, epoch: int, batches: list[dict]) -> list[warnings.WarningMessage]:
     """The synchronizing CUDA calls of one ``train_epoch`` over ``batches``."""
     import torch
@@ -736,10 +725,6 @@ def _tag(ctx: Ctx, decode: str) -> tuple[str, dict]:
     return text, d
 
 
-def tag_device(ctx: Ctx) -> tuple[str, dict]:
-    return _tag(ctx, "device")
-
-
 def tag_cpu(ctx: Ctx) -> tuple[str, dict]:
     text, d = _tag(ctx, "cpu")
     other = os.path.join(ctx.out, "tags", "device")
@@ -866,15 +851,15 @@ STAGES: list[tuple[str, str | None, Callable[[Ctx], tuple[str, dict]]]] = [
     ("data", None, data),
     ("decode_cpu", None, decode_cpu),
     ("decode_gpu", "cuda", decode_gpu),
-    ("train_fp32", None, train_fp32),
-    ("train_bf16", "cuda", train_bf16),
-    ("train_fp16", "cuda", train_fp16),
+    ("train_fp32", None, partial(_train_steps, precision="fp32")),
+    ("train_bf16", "cuda", partial(_train_steps, precision="bf16")),
+    ("train_fp16", "cuda", partial(_train_steps, precision="fp16")),
     ("sync_count", "cuda", sync_count),
     ("run", None, run),
     ("scores_cpu", None, scores_cpu),
     ("scores_gpu", "cuda", scores_gpu),
     ("model_only", None, model_only),
-    ("tag_device", None, tag_device),
+    ("tag_device", None, partial(_tag, decode="device")),
     ("tag_cpu", None, tag_cpu),
     ("train_throughput", None, train_throughput),
     ("ddp", "gpus", ddp),
